@@ -1,0 +1,32 @@
+"""sqlora_hf: mixed-bit, sparse, low-rank compression as a Hugging Face quantizer plugin.
+
+Importing this package registers the "sqlora" quantization method with transformers, so
+`from_pretrained(..., quantization_config=SQLoRAConfig())` compresses a model and
+`from_pretrained(saved_dir)` reloads a compressed one.
+"""
+from __future__ import annotations
+
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+
+from .config import QUANT_METHOD, SQLoRAConfig
+from .formats import FORMAT_VERSION, FormatError, PackedLayer
+from .nn import SQLoRALinear
+from .quantizer import SQLoRAHfQuantizer
+from .report import report
+
+__version__ = "0.1.0"
+
+# Registering twice raises in transformers; importing twice is harmless because modules are cached,
+# but a reload (importlib.reload, some notebook tools) must not crash.
+if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+    register_quantization_config(QUANT_METHOD)(SQLoRAConfig)
+if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+    register_quantizer(QUANT_METHOD)(SQLoRAHfQuantizer)
+
+__all__ = ["FORMAT_VERSION", "FormatError", "PackedLayer", "SQLoRAConfig", "SQLoRAHfQuantizer", "SQLoRALinear",
+           "__version__", "report"]

@@ -1,0 +1,48 @@
+"""Round-to-nearest onto a codebook, one scale per group: the baseline every better quantizer beats."""
+from __future__ import annotations
+
+import torch
+
+from ..formats.codebooks import nf_table
+
+
+def _midpoints(table: torch.Tensor) -> torch.Tensor:
+    return (table[1:] + table[:-1]) / 2
+
+
+def quantize_groups(values: torch.Tensor, bits: int, group_len: int,
+                    scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize `[N, Kc]` values in groups of `group_len` along the row.
+
+    Returns (codes uint8 `[N, Kc]`, scales float16 `[N, Kc/group_len]`). The scale is the group's
+    absmax (int8: absmax/127) unless `scales` is given. Codes are chosen against the *fp16-rounded*
+    scale, so the stored scale and codes agree exactly.
+    """
+    n, kc = values.shape
+    v = values.to(torch.float32).view(n, kc // group_len, group_len)
+    if scales is None:
+        absmax = v.abs().amax(-1)
+        scales = absmax / 127.0 if bits == 8 else absmax
+    scales16 = scales.to(torch.float16)
+    if not bool(torch.isfinite(scales16).all()):
+        raise ValueError("a group scale overflows float16 (|weight| > 65504 or NaN/Inf in the weight)")
+    s = scales16.to(torch.float32).unsqueeze(-1)
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    x = v / safe
+    if bits == 8:
+        codes = x.round().clamp_(-127, 127).to(torch.int8).view(torch.uint8)
+    else:
+        table = nf_table(bits, torch.float32, values.device)
+        codes = torch.bucketize(x.clamp(-1, 1), _midpoints(table)).to(torch.uint8)
+    return codes.view(n, kc), scales16
+
+
+def dequantize_groups(codes: torch.Tensor, scales16: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `quantize_groups` (float32)."""
+    n, kc = codes.shape
+    group_len = kc // scales16.shape[1]
+    if bits == 8:
+        vals = codes.view(torch.int8).to(torch.float32)
+    else:
+        vals = nf_table(bits, torch.float32, codes.device)[codes.long()]
+    return (vals.view(n, -1, group_len) * scales16.to(torch.float32).unsqueeze(-1)).view(n, kc)

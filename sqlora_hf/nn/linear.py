@@ -1,0 +1,153 @@
+"""`SQLoRALinear`: a compressed Linear that keeps its weights packed and multiplies through a backend.
+
+It deliberately does not subclass `nn.Linear`: PEFT and other tools would then treat the packed
+integer buffers as a float weight (see docs/architecture.md).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..formats.layer import PackedLayer
+
+PACKED_NAMES = ("qmeta", "qcodes", "qscales", "qmask", "lowrank_l", "lowrank_r")
+# Packed buffers keep their dtype through `.to(dtype)` / `.half()`: the format fixes it.
+_FIXED_DTYPES = {"qscales": torch.float16, "lowrank_l": torch.float16, "lowrank_r": torch.float16}
+
+
+class SQLoRALinear(nn.Module):
+    """`y = x·Ŵᵀ + (x·Rᵀ)·Lᵀ + b` with Ŵ stored packed (docs/format.md).
+
+    Before its weight is loaded the module holds a `weight` slot with the original checkpoint shape
+    (so the loader can hand the fp tensor to the quantizer); afterwards only the packed buffers.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        compute_dtype: Optional[torch.dtype] = None,
+        backend: str = "auto",
+        transposed_source: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = compute_dtype
+        self.backend = backend
+        # GPT-2's Conv1D stores the weight as [in, out]; the quantizer transposes it before packing.
+        self.transposed_source = transposed_source
+        for name in PACKED_NAMES:
+            self.register_buffer(name, None)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._kernel_cache: dict = {}
+
+    # ---- building ------------------------------------------------------------------------------
+    def add_weight_slot(self, dtype: Optional[torch.dtype] = None) -> None:
+        """A meta `weight` parameter with the checkpoint's shape, for quantize-while-loading."""
+        shape = (self.in_features, self.out_features) if self.transposed_source else (self.out_features, self.in_features)
+        self.weight = nn.Parameter(torch.empty(shape, device="meta", dtype=dtype), requires_grad=False)
+
+    def allocate(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        """Empty meta buffers with the given shapes and dtypes (for loading a pre-quantized checkpoint)."""
+        for name, (shape, dtype) in shapes.items():
+            self.register_buffer(name, torch.empty(shape, dtype=dtype, device="meta"))
+
+    def set_packed(self, packed: PackedLayer) -> None:
+        """Install packed tensors (from the compressor) and drop the fp weight slot."""
+        if "weight" in self._parameters:
+            del self._parameters["weight"]
+        tensors = packed.tensors()
+        for name in PACKED_NAMES:
+            self.register_buffer(name, tensors.get(name))
+        self._kernel_cache.clear()
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], spec, name: str = "layer",
+                   **kwargs) -> "SQLoRALinear":
+        """Compress a dense `[N, K]` weight into a new module (outside `from_pretrained`)."""
+        from ..compression import compress_weight
+
+        n, k = weight.shape
+        module = cls(k, n, bias=bias is not None, dtype=None if bias is None else bias.dtype, **kwargs)
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        module.set_packed(compress_weight(weight, spec, name))
+        return module
+
+    # ---- views ---------------------------------------------------------------------------------
+    def packed(self) -> PackedLayer:
+        return PackedLayer(self.qmeta, self.qcodes, self.qscales, self.qmask, self.lowrank_l, self.lowrank_r)
+
+    @property
+    def is_packed(self) -> bool:
+        return self.qmeta is not None and self.qmeta.device.type != "meta"
+
+    @property
+    def bits(self) -> int:
+        return self.packed().bits
+
+    @property
+    def rank(self) -> int:
+        return self.packed().rank
+
+    @property
+    def sparsity(self) -> Optional[str]:
+        return self.packed().sparsity
+
+    @property
+    def group_size(self) -> int:
+        return self.packed().group_size
+
+    def storage_bytes(self) -> int:
+        """Exact bytes of the compressed weight (codes, scales, mask, factors, qmeta; bias excluded)."""
+        return self.packed().nbytes()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense `[out, in]` weight this layer represents, low-rank term included."""
+        return self.packed().dequantize(dtype)
+
+    def extra_repr(self) -> str:
+        if not self.is_packed:
+            return f"in_features={self.in_features}, out_features={self.out_features}, packed=False"
+        p = self.packed()
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={p.bits}, "
+            f"group_size={p.group_size}, sparsity={p.sparsity}, rank={p.rank}, bias={self.bias is not None}"
+        )
+
+    # ---- compute -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_packed:
+            raise RuntimeError("SQLoRALinear has no packed weights (it was never loaded or compressed)")
+        in_dtype = x.dtype
+        if self.compute_dtype is not None and x.dtype != self.compute_dtype:
+            x = x.to(self.compute_dtype)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        y = kernels.resolve(self.backend, self, x2).linear(self, x2)
+        return y.reshape(*lead, self.out_features).to(in_dtype)
+
+    def kernel_cache(self, key: str) -> dict:
+        """Per-backend scratch space (repacked weights); cleared when the packed tensors change."""
+        return self._kernel_cache.setdefault(key, {})
+
+    def _apply(self, fn, recurse: bool = True):
+        fixed = {n: getattr(self, n).dtype for n in _FIXED_DTYPES if getattr(self, n) is not None}
+        super()._apply(fn, recurse)
+        for name, dtype in fixed.items():
+            t = getattr(self, name)
+            if t.dtype != dtype:
+                self._buffers[name] = t.to(dtype)
+        self._kernel_cache.clear()
+        return self

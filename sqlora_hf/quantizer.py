@@ -1,0 +1,244 @@
+"""`SQLoRAHfQuantizer`: the transformers 5 glue (see ../shared/reference/hf-integration.md).
+
+Two paths:
+- quantize while loading: each Linear becomes an `SQLoRALinear` with a meta `weight` slot; the
+  loader hands each fp weight to `SQLoRAQuantize.convert`, which compresses it and installs the
+  packed tensors. Only one fp weight is alive at a time.
+- load a pre-quantized checkpoint: the packed buffers are allocated on meta with the shapes and
+  dtypes read from the safetensors headers, so keys load one to one; after loading every layer is
+  validated against docs/format.md, so a broken checkpoint is an error, never garbage.
+"""
+from __future__ import annotations
+
+import logging as _pylogging
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers.core_model_loading import ConversionOps
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers.base import HfQuantizer, get_keys_to_not_convert
+from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
+from transformers.utils import logging as hf_logging
+
+from .compression import CompressionSpec, compress_weight
+from .config import SQLoRAConfig
+from .formats.layer import FormatError, layout_problem
+from .nn.linear import PACKED_NAMES, SQLoRALinear
+
+logger = hf_logging.get_logger("sqlora_hf")
+_pylogging.getLogger("sqlora_hf")  # so users can raise/lower it like any logger
+
+
+def compression_spec(config: SQLoRAConfig) -> CompressionSpec:
+    return CompressionSpec(bits=config.bits, group_size=config.group_size, sparsity=config.sparsity, rank=config.rank)
+
+
+def modules_to_skip(model: nn.Module, config: SQLoRAConfig) -> list[str]:
+    """The user's list plus what must always stay uncompressed: tied weights, the output head, fp32 keeps."""
+    skip = list(config.modules_to_not_convert or [])
+    skip += get_keys_to_not_convert(model)
+    skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return sorted(set(skip))
+
+
+def replace_linears(model: nn.Module, config: SQLoRAConfig, skip: list[str],
+                    packed_prefixes: Optional[set[str]] = None) -> list[str]:
+    """Swap every eligible Linear/Conv1D (on meta) for an `SQLoRALinear`; returns the names swapped.
+
+    With `packed_prefixes` (pre-quantized load) exactly those modules are swapped: the checkpoint
+    decides. Otherwise the config's rules do, and layers whose shape the format cannot pack stay
+    as they are, with a warning.
+    """
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (nn.Linear, Conv1D)) or isinstance(module, SQLoRALinear):
+            continue
+        transposed = isinstance(module, Conv1D)
+        if transposed:
+            in_f, out_f = module.weight.shape
+        else:
+            in_f, out_f = module.in_features, module.out_features
+        if packed_prefixes is not None:
+            if name not in packed_prefixes:
+                continue
+        else:
+            if not should_convert_module(name, skip):
+                continue
+            problem = layout_problem(config.bits, config.group_size, config.sparsity, in_f)
+            if problem:
+                logger.warning(f"sqlora: leaving {name} uncompressed: {problem}")
+                continue
+        new = SQLoRALinear(
+            in_f, out_f, bias=module.bias is not None,
+            compute_dtype=config.torch_compute_dtype, backend=config.backend,
+            transposed_source=transposed, device="meta",
+            dtype=module.bias.dtype if module.bias is not None else None,
+        )
+        model.set_submodule(name, new)
+        swapped.append(name)
+    return swapped
+
+
+def read_packed_headers(checkpoint_files: list[str]) -> dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+    """{module prefix: {buffer name: (shape, dtype)}} for every packed tensor in the checkpoint, read
+    from the safetensors headers without loading data."""
+    from safetensors import safe_open
+
+    out: dict[str, dict[str, Any]] = {}
+    for path in checkpoint_files or []:
+        if not str(path).endswith(".safetensors"):
+            raise ValueError(f"sqlora checkpoints are safetensors only; got {path}")
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():
+                prefix, _, leaf = key.rpartition(".")
+                if leaf in PACKED_NAMES:
+                    sl = handle.get_slice(key)
+                    dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise FormatError(f"{key} has dtype {sl.get_dtype()}, which the sqlora format never uses")
+                    out.setdefault(prefix, {})[leaf] = (tuple(sl.get_shape()), dtype)
+    return out
+
+
+_SAFETENSORS_DTYPES = {
+    "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "BOOL": torch.bool,
+}
+
+
+class SQLoRAQuantize(ConversionOps):
+    """Compress one fp weight as it is loaded and write the packed tensors into its module."""
+
+    def __init__(self, quantizer: "SQLoRAHfQuantizer") -> None:
+        self.quantizer = quantizer
+
+    def convert(self, input_dict: dict[str, Any], model: Optional[nn.Module] = None,
+                full_layer_name: Optional[str] = None, missing_keys=None, **kwargs) -> dict[str, torch.Tensor]:
+        key, value = next(iter(input_dict.items()))
+        tensor = value[0] if isinstance(value, list) else value
+        name = full_layer_name or key
+        module, _ = get_module_from_name(model, name)
+        prefix = name.rsplit(".", 1)[0]
+        try:
+            weight = tensor.t() if module.transposed_source else tensor
+            packed = compress_weight(weight, self.quantizer.spec, prefix)
+            module.set_packed(packed)
+        except Exception as err:  # transformers would only log it; we raise it after loading
+            self.quantizer.errors[prefix] = str(err)
+            raise
+        finally:
+            self.quantizer.tick()
+        if missing_keys is not None:
+            missing_keys.discard(name)
+        return {}
+
+
+class SQLoRAHfQuantizer(HfQuantizer):
+    requires_calibration = False
+
+    def __init__(self, quantization_config: SQLoRAConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.spec = compression_spec(quantization_config)
+        self.errors: dict[str, str] = {}
+        self.converted: list[str] = []
+        self._progress = None
+
+    # ---- environment ---------------------------------------------------------------------------
+    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+        if isinstance(device_map, dict) and any(v == "disk" for v in device_map.values()):
+            raise ValueError("sqlora: offloading compressed layers to disk is not supported; use cpu or a GPU")
+
+    @property
+    def quantized_element_size(self) -> float:
+        return self.quantization_config.bits / 8
+
+    # ---- before loading ------------------------------------------------------------------------
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
+        skip = modules_to_skip(model, self.quantization_config)
+        self.modules_to_not_convert = skip
+        if not self.pre_quantized:
+            self.converted = replace_linears(model, self.quantization_config, skip)
+            for name in self.converted:
+                model.get_submodule(name).add_weight_slot(_meta_dtype(model))
+            return model
+        headers = read_packed_headers(checkpoint_files)
+        self.converted = replace_linears(model, self.quantization_config, skip, packed_prefixes=set(headers))
+        for name in self.converted:
+            shapes = headers[name]
+            for required in ("qmeta", "qcodes", "qscales"):
+                if required not in shapes:
+                    raise FormatError(f"{name}.{required} is missing from the checkpoint")
+            model.get_submodule(name).allocate(shapes)
+        unknown = set(headers) - set(self.converted)
+        if unknown:
+            raise FormatError(
+                f"the checkpoint holds packed tensors for modules that are not Linear layers of this model: "
+                f"{sorted(unknown)[:5]}"
+            )
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
+        if self.pre_quantized:
+            return False
+        module, tensor_name = get_module_from_name(model, param_name)
+        return tensor_name == "weight" and isinstance(module, SQLoRALinear)
+
+    def get_quantize_ops(self) -> SQLoRAQuantize:
+        return SQLoRAQuantize(self)
+
+    def tick(self) -> None:
+        if self._progress is None:
+            self._progress = hf_logging.tqdm(total=len(self.converted), desc="sqlora: compressing", unit="layer")
+        self._progress.update(1)
+
+    # ---- after loading -------------------------------------------------------------------------
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        if self.errors:
+            first = next(iter(self.errors.items()))
+            raise ValueError(
+                f"sqlora could not compress {len(self.errors)} layer(s); first: {first[0]}: {first[1]}"
+            )
+        for name in self.converted:
+            module = model.get_submodule(name)
+            if self.pre_quantized:
+                for leaf in PACKED_NAMES:
+                    t = getattr(module, leaf)
+                    if t is not None and (t.device.type == "meta" or not getattr(t, "_is_hf_initialized", False)):
+                        raise FormatError(f"{name}.{leaf} was not loaded from the checkpoint (missing or unreadable)")
+            elif not module.is_packed:
+                raise FormatError(f"{name}.weight was missing from the checkpoint, so the layer was never compressed")
+            module.packed().validate(name)
+        return model
+
+    # ---- capabilities --------------------------------------------------------------------------
+    def is_serializable(self, safe_serialization=None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    def _dequantize(self, model, dtype=None):
+        for name, module in list(model.named_modules()):
+            if isinstance(module, SQLoRALinear):
+                weight = module.dequantize(torch.float32)
+                target = dtype or (module.bias.dtype if module.bias is not None else torch.float32)
+                dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                  device=weight.device, dtype=target)
+                with torch.no_grad():
+                    dense.weight.copy_(weight.to(target))
+                    if module.bias is not None:
+                        dense.bias.copy_(module.bias.to(target))
+                model.set_submodule(name, dense)
+        return model
+
+
+def _meta_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
