@@ -124,9 +124,10 @@ class SQLoRAQuantize(ConversionOps):
             weight = tensor.t() if module.transposed_source else tensor
             packed = compress_weight(weight, self.quantizer.spec, prefix)
             module.set_packed(packed)
-        except Exception as err:  # transformers would only log it; we raise it after loading
+        except Exception as err:
+            # Raised here, transformers would bury it in a generic "issues during conversion" error;
+            # recorded, it is raised by name once loading ends (_process_model_after_weight_loading).
             self.quantizer.errors[prefix] = str(err)
-            raise
         finally:
             self.quantizer.tick()
         if missing_keys is not None:

@@ -56,7 +56,8 @@ class SQLoRALinear(nn.Module):
     def add_weight_slot(self, dtype: Optional[torch.dtype] = None) -> None:
         """A meta `weight` parameter with the checkpoint's shape, for quantize-while-loading."""
         shape = (self.in_features, self.out_features) if self.transposed_source else (self.out_features, self.in_features)
-        self.weight = nn.Parameter(torch.empty(shape, device="meta", dtype=dtype), requires_grad=False)
+        # Direct dict write: the `weight` property would make `register_parameter` refuse the name.
+        self._parameters["weight"] = nn.Parameter(torch.empty(shape, device="meta", dtype=dtype), requires_grad=False)
 
     def allocate(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
         """Empty meta buffers with the given shapes and dtypes (for loading a pre-quantized checkpoint)."""
@@ -86,6 +87,24 @@ class SQLoRALinear(nn.Module):
         return module
 
     # ---- views ---------------------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The fp slot while loading; afterwards an empty tensor that only carries device and dtype.
+
+        Code written for `nn.Linear` reads `.weight` for its device/dtype (PEFT) or touches it in
+        weight init (GPT-2's `_init_weights`); the empty tensor answers both without pretending to be
+        a dense weight (use `dequantize()` for that).
+        """
+        slot = self._parameters.get("weight")
+        if slot is not None:
+            return slot
+        ref = self.qcodes if self.qcodes is not None else self.bias
+        device = ref.device if ref is not None else torch.device("cpu")
+        dtype = self.compute_dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        proxy = torch.empty(0, device=device, dtype=dtype)
+        proxy._is_hf_initialized = True
+        return proxy
+
     def packed(self) -> PackedLayer:
         return PackedLayer(self.qmeta, self.qcodes, self.qscales, self.qmask, self.lowrank_l, self.lowrank_r)
 
@@ -143,11 +162,13 @@ class SQLoRALinear(nn.Module):
         return self._kernel_cache.setdefault(key, {})
 
     def _apply(self, fn, recurse: bool = True):
-        fixed = {n: getattr(self, n).dtype for n in _FIXED_DTYPES if getattr(self, n) is not None}
+        # `.to(dtype)`, `.half()` etc. would round the float16 scales and factors through another
+        # dtype; keep the originals and only follow the device change.
+        originals = {n: getattr(self, n) for n in _FIXED_DTYPES if getattr(self, n) is not None}
         super()._apply(fn, recurse)
-        for name, dtype in fixed.items():
-            t = getattr(self, name)
-            if t.dtype != dtype:
-                self._buffers[name] = t.to(dtype)
+        for name, original in originals.items():
+            moved = self._buffers[name]
+            if moved.dtype != original.dtype:
+                self._buffers[name] = original.to(device=moved.device)
         self._kernel_cache.clear()
         return self

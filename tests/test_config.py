@@ -1,0 +1,53 @@
+"""SQLoRAConfig: every field validated with an error naming it; dict/JSON round trips."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sqlora_hf import SQLoRAConfig
+
+
+def test_defaults_and_json_round_trip():
+    cfg = SQLoRAConfig()
+    assert cfg.quant_method == "sqlora" and cfg.bits == 4 and cfg.group_size == 64
+    again = SQLoRAConfig.from_dict(json.loads(cfg.to_json_string()))
+    assert again.to_dict() == cfg.to_dict()
+    custom = SQLoRAConfig(bits=3, group_size=128, sparsity="4:8", rank=16, modules_to_not_convert=["mlp.down_proj"],
+                          compute_dtype=torch.bfloat16, backend="reference")
+    d = custom.to_dict()
+    assert d["compute_dtype"] == "bfloat16"
+    assert SQLoRAConfig(**json.loads(json.dumps(d))).to_dict() == d
+
+
+@pytest.mark.parametrize("field,value", [
+    ("bits", 5), ("bits", "4"), ("bits", True), ("bits", 4.0),
+    ("group_size", 48), ("group_size", -1), ("group_size", None),
+    ("sparsity", "1:2"), ("sparsity", 0.5),
+    ("rank", -1), ("rank", "full"), ("rank", 2.5),
+    ("modules_to_not_convert", "lm_head"), ("modules_to_not_convert", [1, 2]),
+    ("compute_dtype", "int8"), ("compute_dtype", torch.int8),
+    ("backend", "tpu"),
+    ("format_version", 0), ("format_version", "1"),
+])
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(ValueError) as err:
+        SQLoRAConfig(**{field: value})
+    msg = str(err.value)
+    assert f"SQLoRAConfig.{field}" in msg and "allowed" in msg, msg
+
+
+def test_newer_format_version_is_refused_with_upgrade_hint():
+    with pytest.raises(ValueError, match="format_version=99 is newer.*upgrade"):
+        SQLoRAConfig(format_version=99)
+
+
+def test_sparsity_needs_group_multiple_of_64():
+    with pytest.raises(ValueError, match="group_size"):
+        SQLoRAConfig(sparsity="2:4", group_size=32)
+
+
+def test_unknown_field_is_an_error():
+    with pytest.raises(ValueError, match="unknown fields.*bitz"):
+        SQLoRAConfig(bitz=4)

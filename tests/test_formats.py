@@ -1,0 +1,144 @@
+"""The packed format: packing round trips, codebooks, and the reference matmul, for every option."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from sqlora_hf.compression import CompressionSpec, compress_weight
+from sqlora_hf.formats import FormatError, PackedLayer, pack_codes, pack_mask, unpack_codes, unpack_mask
+from sqlora_hf.formats.codebooks import _NF2, _NF3, _NF4, build_normal_float
+from sqlora_hf.formats.packing import check_mask_pattern
+from sqlora_hf.nn import SQLoRALinear
+
+BITS = (2, 3, 4, 8)
+SPARSITY = (None, "2:4", "4:8")
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_pack_unpack_round_trip_exact(bits):
+    g = torch.Generator().manual_seed(bits)
+    hi = 256 if bits == 8 else 1 << bits
+    codes = torch.randint(0, hi, (7, 96), generator=g, dtype=torch.int32).to(torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, 96 * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits, 96), codes)
+
+
+def test_nibble_order_matches_spec():
+    codes = torch.arange(32, dtype=torch.uint8).remainder(16).view(1, 32)
+    packed = pack_codes(codes, 4)
+    # byte j = c_j | c_{j+16} << 4
+    expected = [(j % 16) | (((j + 16) % 16) << 4) for j in range(16)]
+    assert packed[0].tolist() == expected
+
+
+def test_three_bit_planes_match_spec():
+    codes = torch.tensor([[7] + [0] * 30 + [4]], dtype=torch.uint8)
+    packed = pack_codes(codes, 3)[0].tolist()
+    assert packed[0] == 3  # low two bits of c_0 in bits 0-1 of byte 0
+    assert packed[8:12] == [1, 0, 0, 0x80]  # high bits: bit 0 (c_0) and bit 31 (c_31)
+
+
+@pytest.mark.parametrize("bits,table", [(4, _NF4), (3, _NF3), (2, _NF2)])
+def test_codebooks_follow_their_construction(bits, table):
+    rebuilt = build_normal_float(bits)
+    assert len(rebuilt) == len(table) == 1 << bits
+    assert max(abs(a - b) for a, b in zip(rebuilt, table)) < 2e-7
+    assert 0.0 in table and table[0] == -1.0 and table[-1] == 1.0
+
+
+def test_mask_round_trip_and_patterns():
+    torch.manual_seed(0)
+    w = torch.randn(5, 64)
+    from sqlora_hf.compression.sparsity import nm_mask
+
+    for pattern in ("2:4", "4:8"):
+        keep = nm_mask(w, pattern)
+        mask = pack_mask(keep)
+        assert torch.equal(unpack_mask(mask), keep)
+        assert check_mask_pattern(mask, pattern)
+    bad = pack_mask(torch.ones(5, 64, dtype=torch.bool))
+    assert not check_mask_pattern(bad, "4:8")
+
+
+@pytest.mark.parametrize("bits,sparsity,rank,group", [
+    (b, s, r, g) for b, s, r, g in itertools.product(BITS, SPARSITY, (0, 5), (32, 64, 128))
+    if not (s and g == 32)
+])
+def test_reference_matmul_equals_dequantized_product(bits, sparsity, rank, group):
+    torch.manual_seed(1)
+    n, k = 40, 256
+    w = torch.randn(n, k) * 0.05
+    bias = torch.randn(n)
+    spec = CompressionSpec(bits=bits, group_size=group, sparsity=sparsity, rank=rank)
+    layer = SQLoRALinear.from_dense(w, bias, spec, backend="reference")
+    packed = layer.packed()
+    packed.validate("test")
+    assert packed.rank == rank and packed.sparsity == sparsity and packed.bits == bits
+    x = torch.randn(3, 4, k)
+    expected = x @ packed.dequantize().T + bias
+    got = layer(x)
+    assert got.shape == (3, 4, n)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    # the compressed weight is a sensible approximation (a broken packer would not be)
+    rel = (packed.dequantize() - w).norm() / w.norm()
+    assert rel < (0.75 if bits == 2 or sparsity else 0.25)
+    # storage is exactly what the format says
+    kc = k // 2 if sparsity else k
+    expected_bytes = 32 + n * kc * bits // 8 + n * (k // group) * 2 + (n * k // 8 if sparsity else 0) + 2 * rank * (n + k)
+    assert layer.storage_bytes() == expected_bytes
+
+
+def test_sparse_layer_has_exact_zeros_where_pruned():
+    torch.manual_seed(2)
+    w = torch.randn(16, 128)
+    p = compress_weight(w, CompressionSpec(bits=4, group_size=64, sparsity="4:8", rank=0))
+    dense = p.dequantize()
+    assert int((dense.view(16, -1, 8) != 0).sum(-1).max()) <= 4
+
+
+def test_factors_sorted_so_prefixes_are_optimal():
+    torch.manual_seed(3)
+    w = torch.randn(48, 128)
+    p = compress_weight(w, CompressionSpec(bits=3, group_size=64, rank=12))
+    norms = (p.lowrank_l.float().norm(dim=0) * p.lowrank_r.float().norm(dim=1))
+    assert torch.all(norms[:-1] >= norms[1:] * 0.999)
+
+
+def _layer():
+    torch.manual_seed(4)
+    return compress_weight(torch.randn(8, 64), CompressionSpec(bits=4, group_size=64, sparsity="4:8", rank=2))
+
+
+@pytest.mark.parametrize("breakage,needle", [
+    (lambda p: p.qmeta.__setitem__(0, 2), "format version 2"),
+    (lambda p: setattr(p, "qcodes", p.qcodes[:, :-1]), "qcodes"),
+    (lambda p: setattr(p, "qscales", p.qscales.float()), "qscales"),
+    (lambda p: setattr(p, "qmask", None), "qmask is missing"),
+    (lambda p: setattr(p, "qmask", torch.full_like(p.qmask, 255)), "4:8 pattern"),
+    (lambda p: setattr(p, "lowrank_r", p.lowrank_r[:1]), "lowrank_r"),
+    (lambda p: p.qmeta.__setitem__(1, 5), "bits=5"),
+    (lambda p: setattr(p, "qscales", p.qscales.clone().fill_(float("nan"))), "NaN"),
+])
+def test_validate_names_the_broken_tensor(breakage, needle):
+    p = _layer()
+    breakage(p)
+    with pytest.raises(FormatError, match="mylayer"):
+        try:
+            p.validate("mylayer")
+        except FormatError as err:
+            assert needle in str(err), str(err)
+            raise
+
+
+def test_compress_rejects_nan_and_bad_rank():
+    w = torch.randn(8, 64)
+    w[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="blk.q_proj.*NaN"):
+        compress_weight(w, CompressionSpec(), "blk.q_proj")
+    with pytest.raises(ValueError, match="rank=100 is larger"):
+        compress_weight(torch.randn(8, 64), CompressionSpec(rank=100), "x")
+    with pytest.raises(ValueError, match="not a multiple of group_size"):
+        compress_weight(torch.randn(8, 96), CompressionSpec(group_size=64), "x")
