@@ -129,7 +129,9 @@ class SQLoRAQuantize(ConversionOps):
             # recorded, it is raised by name once loading ends (_process_model_after_weight_loading).
             self.quantizer.errors[prefix] = str(err)
         finally:
+            del tensor, input_dict
             self.quantizer.tick()
+            release_freed_memory()
         if missing_keys is not None:
             missing_keys.discard(name)
         return {}
@@ -236,6 +238,27 @@ class SQLoRAHfQuantizer(HfQuantizer):
                         dense.bias.copy_(module.bias.to(target))
                 model.set_submodule(name, dense)
         return model
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise).
+
+    Compressing one layer allocates and frees a few fp32 temporaries of the layer's size; without
+    this, glibc's arenas keep them and resident memory creeps up layer after layer.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _meta_dtype(model: nn.Module) -> Optional[torch.dtype]:
