@@ -14,6 +14,7 @@ from .formats.layer import ALLOWED_BITS, ALLOWED_GROUP_SIZES, FORMAT_VERSION, SU
 
 QUANT_METHOD = "sqlora"
 ALLOWED_SPARSITY = (None, "2:4", "4:8")
+DEFAULT_MEMORY_BUDGET = "auto"
 COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -40,6 +41,33 @@ class SQLoRAConfig(QuantizationConfigMixin):
             "bfloat16".
         backend: kernel backend: "auto" (fastest available) or a registered name such as "reference".
         format_version: version of the packed format (docs/format.md).
+        memory_budget: "auto" (default: the nominal bits per weight of `bits`/`group_size`, e.g. 4.25
+            for 4-bit groups of 64, plus a pinned int `rank`'s bytes, spent by the planner where the error
+            drops most), None (every layer exactly at `bits`/`group_size`), an int number of bytes or a size
+            string ("320MB", "1.5GiB") for the whole model, everything counted, or "3.25bpw" (average
+            bits per weight over the compressed layers, as `report()` counts them). With a budget the
+            checkpoint is planned before loading: each layer gets one of `tiers` × group sizes × ranks,
+            chosen so the total fits and the summed estimated error is least.
+            On reload of a saved model, a budget smaller than the model truncates the corrections.
+        tiers: bit widths the budget planner may give a layer besides `bits` (default (3, 4, 8): NF3 where a layer
+            tolerates it, NF4 for the bulk, int8 where outliers dominate the error).
+        rank_rule: how `rank="auto"` picks ranks: "residual" (energy of the quantization residual
+            per byte; default) or "stable" (SQ-LoRA's stable-rank bound on W).
+        qa_iterations: rounds of quantization-aware SVD (0 = plain SVD of the residual).
+        scale_search: search MSE-better group scales near absmax (True) or use absmax (False, the
+            default: on SmolLM2 the lower weight MSE of searched scales raised perplexity).
+        rank_keep: elastic rank: keep this fraction (0, 1] of every layer's correction directions,
+            applied at load (also when reloading a saved model: see docs/algorithms.md).
+        calibration: optional calibration data (a list of texts, a `datasets.Dataset` with a "text"
+            column, or token-id tensors). With it, compression is activation aware (GPTQ with the
+            low-rank term fitted to the data) and runs after the fp model has loaded. Only a record
+            of it (source, samples, length, sha256) is written to config.json.
+        calibration_samples: number of calibration windows (default 128).
+        calibration_seq_len: tokens per window (default 512).
+        calibration_method: "intrinsic" (GPTQ-intrinsic LoRA), "eora" (GPTQ, then the whitened-SVD
+            correction of the residual) or "gptq" (GPTQ, then a plain SVD correction).
+        sparsity_criterion: with calibration and sparsity: "sparsegpt" (masks chosen inside the
+            GPTQ sweep) or "wanda" (|w|·‖x‖, cheaper).
     """
 
     def __init__(
@@ -52,15 +80,27 @@ class SQLoRAConfig(QuantizationConfigMixin):
         compute_dtype: Optional[Union[str, torch.dtype]] = None,
         backend: str = "auto",
         format_version: int = FORMAT_VERSION,
+        calibration: Any = None,
+        calibration_samples: int = 128,
+        calibration_seq_len: int = 512,
+        calibration_method: str = "intrinsic",
+        sparsity_criterion: str = "sparsegpt",
+        tokenizer: Any = None,
+        memory_budget: Union[None, int, str] = DEFAULT_MEMORY_BUDGET,
+        tiers: Union[list, tuple] = (3, 4, 8),
+        rank_rule: str = "residual",
+        qa_iterations: int = 2,
+        scale_search: bool = False,
+        rank_keep: Optional[float] = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
         kwargs.pop("quant_method", None)
         if kwargs:
-            raise ValueError(
-                f"SQLoRAConfig got unknown fields {sorted(kwargs)}; known fields: "
-                "bits, group_size, sparsity, rank, modules_to_not_convert, compute_dtype, backend, format_version"
-            )
+            import inspect
+
+            known = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "kwargs")]
+            raise ValueError(f"SQLoRAConfig got unknown fields {sorted(kwargs)}; known fields: {', '.join(known)}")
         self.bits = bits
         self.group_size = group_size
         self.sparsity = sparsity
@@ -69,6 +109,19 @@ class SQLoRAConfig(QuantizationConfigMixin):
         self.compute_dtype = _dtype_name(compute_dtype)
         self.backend = backend
         self.format_version = format_version
+        self.calibration = calibration
+        self.calibration_samples = calibration_samples
+        self.calibration_seq_len = calibration_seq_len
+        self.calibration_method = calibration_method
+        self.sparsity_criterion = sparsity_criterion
+        # Not a field: a tokenizer object cannot go to config.json (see to_dict).
+        self._tokenizer = tokenizer
+        self.memory_budget = memory_budget
+        self.tiers = tiers
+        self.rank_rule = rank_rule
+        self.qa_iterations = qa_iterations
+        self.scale_search = scale_search
+        self.rank_keep = rank_keep
         self.post_init()
 
     def post_init(self) -> None:
@@ -103,12 +156,95 @@ class SQLoRAConfig(QuantizationConfigMixin):
                 f"(it reads {list(SUPPORTED_FORMAT_VERSIONS)}); upgrade sqlora_hf"
             )
 
+        self._validate_calibration()
+        self._validate_compression_science()
+
+    def _validate_compression_science(self) -> None:
+        from .compression.planner import parse_budget
+
+        if self.memory_budget is not None:
+            parse_budget(self.memory_budget, "memory_budget")  # raises naming the field
+        t = self.tiers
+        if (not isinstance(t, (list, tuple)) or not t or not all(_is_int(b) and b in ALLOWED_BITS for b in t)):
+            raise _bad("tiers", t, "a non-empty list of bit widths from " + ", ".join(map(str, ALLOWED_BITS)))
+        self.tiers = sorted(set(t))
+        if self.rank_rule not in ("residual", "stable"):
+            raise _bad("rank_rule", self.rank_rule, '"residual", "stable"')
+        if not _is_int(self.qa_iterations) or not 0 <= self.qa_iterations <= 10:
+            raise _bad("qa_iterations", self.qa_iterations, "an int in 0 … 10")
+        if not isinstance(self.scale_search, bool):
+            raise _bad("scale_search", self.scale_search, "True or False")
+        k = self.rank_keep
+        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1):
+            raise _bad("rank_keep", k, "None or a fraction in (0, 1]")
+
+    def get_loading_attributes(self) -> dict[str, Any]:
+        """Fields a user's config may change when reloading a saved model (elastic rank).
+
+        transformers keeps the checkpoint's config on reload; for configs listed in its
+        LOADING_ATTRIBUTES_CONFIG_TYPES it copies these attributes over from the user's one.
+        """
+        out: dict[str, Any] = {}
+        if self.rank_keep is not None:
+            out["rank_keep"] = self.rank_keep
+        if self.memory_budget != DEFAULT_MEMORY_BUDGET:
+            out["memory_budget"] = self.memory_budget
+        return out
+
+    def _validate_calibration(self) -> None:
+        from .calibration import validate_calibration
+        from .compression.calibrated import METHODS, SPARSITY_CRITERIA
+
+        try:
+            validate_calibration(self.calibration)
+        except ValueError as err:
+            raise _bad("calibration", _short(self.calibration), str(err).split(": ", 1)[-1]) from None
+        for field in ("calibration_samples", "calibration_seq_len"):
+            value = getattr(self, field)
+            if not _is_int(value) or value < 1:
+                raise _bad(field, value, "an int >= 1")
+        if self.calibration_method not in METHODS:
+            raise _bad("calibration_method", self.calibration_method, ", ".join(METHODS))
+        if self.sparsity_criterion not in SPARSITY_CRITERIA:
+            raise _bad("sparsity_criterion", self.sparsity_criterion, ", ".join(SPARSITY_CRITERIA))
+
+    @property
+    def needs_calibration_run(self) -> bool:
+        """True when calibration data (not just the record of a past run) is present."""
+        return self.calibration is not None and not (isinstance(self.calibration, dict) and "sha256" in self.calibration)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: private attributes dropped, calibration data replaced by a record of it."""
+        import copy
+
+        out = {k: v for k, v in self.__dict__.items() if not k.startswith("_") and k != "calibration"}
+        out = copy.deepcopy(out)
+        out["calibration"] = _calibration_record(self.calibration)
+        return out
+
     def validate(self) -> None:
         self.post_init()
 
     @property
     def torch_compute_dtype(self) -> Optional[torch.dtype]:
         return None if self.compute_dtype is None else COMPUTE_DTYPES[self.compute_dtype]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+def _calibration_record(data: Any) -> Any:
+    """What config.json keeps of calibration data: a record, never the texts."""
+    if data is None or (isinstance(data, dict) and "sha256" in data):
+        return data
+    import hashlib
+
+    from .calibration import describe
+
+    digest = hashlib.sha256(repr(data).encode() if not hasattr(data, "numpy") else data.numpy().tobytes()).hexdigest()
+    return {"source": describe(data), "samples": None, "seq_len": None, "sha256": digest, "compressed": False}
 
 
 def _dtype_name(value: Any) -> Any:
@@ -120,3 +256,19 @@ def _dtype_name(value: Any) -> Any:
     if isinstance(value, str) and value.startswith("torch."):
         return value[len("torch."):]
     return value
+
+
+def _accept_loading_attributes() -> None:
+    """Let `from_pretrained(saved, quantization_config=SQLoRAConfig(rank_keep=...))` reach the loader.
+
+    transformers ignores a user's config when the checkpoint has one, except for config classes in
+    `LOADING_ATTRIBUTES_CONFIG_TYPES`, whose `get_loading_attributes()` it copies over.
+    """
+    from transformers.quantizers import auto
+
+    types = getattr(auto, "LOADING_ATTRIBUTES_CONFIG_TYPES", None)
+    if isinstance(types, tuple) and SQLoRAConfig not in types:
+        auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*types, SQLoRAConfig)
+
+
+_accept_loading_attributes()

@@ -11,6 +11,7 @@ Two paths:
 from __future__ import annotations
 
 import logging as _pylogging
+import os
 from typing import Any, Optional
 
 import torch
@@ -31,7 +32,9 @@ _pylogging.getLogger("sqlora_hf")  # so users can raise/lower it like any logger
 
 
 def compression_spec(config: SQLoRAConfig) -> CompressionSpec:
-    return CompressionSpec(bits=config.bits, group_size=config.group_size, sparsity=config.sparsity, rank=config.rank)
+    return CompressionSpec(bits=config.bits, group_size=config.group_size, sparsity=config.sparsity, rank=config.rank,
+                           rank_rule=config.rank_rule, qa_iterations=config.qa_iterations,
+                           scale_search=config.scale_search)
 
 
 def modules_to_skip(model: nn.Module, config: SQLoRAConfig) -> list[str]:
@@ -122,8 +125,10 @@ class SQLoRAQuantize(ConversionOps):
         prefix = name.rsplit(".", 1)[0]
         try:
             weight = tensor.t() if module.transposed_source else tensor
-            packed = compress_weight(weight, self.quantizer.spec, prefix)
+            spec = self.quantizer.plan.get(prefix, self.quantizer.spec)
+            packed = compress_weight(weight, spec, prefix)
             module.set_packed(packed)
+            module.relative_error = packed.relative_error  # shown by report()
         except Exception as err:
             # Raised here, transformers would bury it in a generic "issues during conversion" error;
             # recorded, it is raised by name once loading ends (_process_model_after_weight_loading).
@@ -145,6 +150,7 @@ class SQLoRAHfQuantizer(HfQuantizer):
         self.spec = compression_spec(quantization_config)
         self.errors: dict[str, str] = {}
         self.converted: list[str] = []
+        self.plan: dict[str, CompressionSpec] = {}  # per-layer specs fixed by the memory-budget planner
         self._progress = None
 
     # ---- environment ---------------------------------------------------------------------------
@@ -160,10 +166,20 @@ class SQLoRAHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
         skip = modules_to_skip(model, self.quantization_config)
         self.modules_to_not_convert = skip
+        if not self.pre_quantized and self.quantization_config.needs_calibration_run:
+            # Calibrated compression needs whole blocks and their activations: load the fp model as
+            # is and compress it block by block once loaded (_process_model_after_weight_loading).
+            self.checkpoint_dir = os.path.dirname(checkpoint_files[0]) if checkpoint_files else None
+            self.converted = []
+            return model
         if not self.pre_quantized:
             self.converted = replace_linears(model, self.quantization_config, skip)
             for name in self.converted:
                 model.get_submodule(name).add_weight_slot(_meta_dtype(model))
+            if self.quantization_config.memory_budget is not None:
+                from .budget import plan_for_budget
+
+                self.plan = plan_for_budget(model, self.quantization_config, self.converted, checkpoint_files)
             return model
         headers = read_packed_headers(checkpoint_files)
         self.converted = replace_linears(model, self.quantization_config, skip, packed_prefixes=set(headers))
@@ -197,6 +213,8 @@ class SQLoRAHfQuantizer(HfQuantizer):
 
     # ---- after loading -------------------------------------------------------------------------
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        if not self.pre_quantized and self.quantization_config.needs_calibration_run:
+            return self._compress_with_calibration(model)
         if self._progress is not None:
             self._progress.close()
             self._progress = None
@@ -215,6 +233,28 @@ class SQLoRAHfQuantizer(HfQuantizer):
             elif not module.is_packed:
                 raise FormatError(f"{name}.weight was missing from the checkpoint, so the layer was never compressed")
             module.packed().validate(name)
+        from .budget import apply_elastic_rank
+
+        apply_elastic_rank(model, self.quantization_config, self.converted, self.pre_quantized)
+        return model
+
+    def _compress_with_calibration(self, model):
+        from .sequential import compress_model
+
+        config = self.quantization_config
+        tokenizer = config._tokenizer
+        if tokenizer is None and self.checkpoint_dir and _holds_texts(config.calibration):
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_dir)
+            except Exception as err:  # no tokenizer files beside the model
+                raise ValueError(
+                    "SQLoRAConfig.calibration holds texts but no tokenizer was given and none could be loaded "
+                    f"from {self.checkpoint_dir} ({type(err).__name__}); pass SQLoRAConfig(tokenizer=...)"
+                ) from None
+        compress_model(model, config, tokenizer=tokenizer)
+        self.converted = [n for n, m in model.named_modules() if isinstance(m, SQLoRALinear)]
         return model
 
     # ---- capabilities --------------------------------------------------------------------------
@@ -259,6 +299,11 @@ def release_freed_memory() -> None:
 
 
 _LIBC = None
+
+
+def _holds_texts(data: Any) -> bool:
+    return not isinstance(data, torch.Tensor) and not (isinstance(data, (list, tuple)) and data
+                                                        and isinstance(data[0], torch.Tensor))
 
 
 def _meta_dtype(model: nn.Module) -> Optional[torch.dtype]:

@@ -1,0 +1,233 @@
+"""GPTQ on our codebooks, with SparseGPT-style n:m masks, and the two ways to add a low-rank term.
+
+All three minimise the layer output error `‖X Wᵀ − X (Q + L R)ᵀ‖²_F` for calibration inputs `X`,
+seen only through `H = XᵀX` (K × K). Weights are `[N, K]` (out, in) as everywhere in the package.
+
+- `gptq`: column-by-column quantization with error feedback through the inverse Hessian (Frantar
+  et al.), lazy block updates, damping, optional act-order, per-group scales, optional joint n:m
+  pruning (SparseGPT's saliency `w² / [H⁻¹]²_jj`, chosen per group just before it is quantized).
+- `intrinsic_lowrank`: GPTQ-intrinsic LoRA (seed 003). Take the top-r eigenvectors `V_r` of H,
+  run GPTQ on the *deflated* Hessian `H − V_r Λ_r V_rᵀ` (the part of the input the correction will
+  not cover), then fit the correction. See docs/algorithms.md for the derivation.
+- `whitened_lowrank`: the EoRA-style baseline — the best rank-r correction of a given residual under
+  the output metric: SVD of `(W − Q) H^{1/2}`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..formats.codebooks import nf_table
+from .sparsity import PATTERNS
+
+
+@dataclass
+class GPTQResult:
+    codes: torch.Tensor  # uint8 [N, K] (dense positions; pruned positions hold an arbitrary code)
+    scales: torch.Tensor  # float16 [N, K/g]
+    keep: Optional[torch.Tensor]  # bool [N, K] or None
+    dequantized: torch.Tensor  # float32 [N, K]: what the codes and scales represent (zeros where pruned)
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+    """`‖X (W − Ŵ)ᵀ‖²_F = tr((W − Ŵ) H (W − Ŵ)ᵀ)`."""
+    d = (weight - approx).to(torch.float64)
+    return float(((d @ hessian.to(torch.float64)) * d).sum())
+
+
+def _prepare_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    h = hessian.to(torch.float32).clone()
+    diag = torch.diagonal(h)
+    dead = diag <= 0
+    diag[dead] = 1.0
+    mean = float(diag.mean())
+    diag += damp * mean
+    return h
+
+
+def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹ (what GPTQ's column updates need); damping is raised until it works."""
+    extra = 0.0
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean = float(torch.diagonal(h).mean())
+    for _ in range(8):
+        try:
+            low = torch.linalg.cholesky(h + extra * mean * eye)
+            inv = torch.cholesky_inverse(low)
+            return torch.linalg.cholesky(inv, upper=True)
+        except RuntimeError:
+            extra = 0.01 if extra == 0 else extra * 4
+    raise ValueError("the calibration Hessian is not positive definite even with heavy damping")
+
+
+def _nearest(x: torch.Tensor, bits: int, table: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes uint8, unscaled values) nearest to `x` (already divided by the scale)."""
+    if bits == 8:
+        q = x.round().clamp(-127, 127)
+        return q.to(torch.int8).view(torch.uint8), q
+    mids = (table[1:] + table[:-1]) / 2
+    codes = torch.bucketize(x.clamp(-1, 1).contiguous(), mids)
+    return codes.to(torch.uint8), table[codes]
+
+
+def _group_scale(w: torch.Tensor, keep: Optional[torch.Tensor], bits: int) -> torch.Tensor:
+    """Absmax scale of one group `[N, g]` (kept weights only), rounded to float16."""
+    a = w.abs() if keep is None else w.abs() * keep
+    absmax = a.amax(-1)
+    s = absmax / 127.0 if bits == 8 else absmax
+    return s.to(torch.float16)
+
+
+def gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sparsity: Optional[str] = None,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+    keep: Optional[torch.Tensor] = None,
+) -> GPTQResult:
+    """Quantize `weight` `[N, K]` to minimise the output error under `hessian` `[K, K]`.
+
+    With `sparsity`, the n:m mask is chosen inside the sweep (SparseGPT) unless a fixed `keep` mask
+    (e.g. Wanda's) is given; pruned weights become exact zeros and their error is fed forward too.
+    """
+    if act_order and sparsity:
+        raise ValueError("act_order cannot be combined with sparsity (the n:m blocks must stay in column order)")
+    w_full = weight.to(torch.float32).clone()
+    n, k = w_full.shape
+    if k % group_size:
+        raise ValueError(f"in_features={k} is not a multiple of group_size={group_size}")
+    h = _prepare_hessian(hessian, damp)
+    dead = torch.diagonal(hessian) <= 0
+    w_full[:, dead] = 0.0
+    table = None if bits == 8 else nf_table(bits, torch.float32, weight.device)
+    n_keep, m = PATTERNS[sparsity] if sparsity else (0, 1)
+
+    perm = torch.arange(k, device=weight.device)
+    static_scales = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True)
+        # With a permuted order a group's columns are no longer processed together, so its scale is
+        # fixed up front from the original weights (GPTQ's "static groups").
+        static_scales = _group_scale(w_full.view(n, k // group_size, group_size), None, bits)
+        h = h[perm][:, perm]
+    w = w_full[:, perm]
+    hinv = _inverse_cholesky_upper(h)
+
+    codes = torch.zeros(n, k, dtype=torch.uint8, device=weight.device)
+    scales = torch.zeros(n, k // group_size, dtype=torch.float16, device=weight.device)
+    q_all = torch.zeros(n, k, dtype=torch.float32, device=weight.device)
+    keep_all = torch.ones(n, k, dtype=torch.bool, device=weight.device) if sparsity else None
+    block = max(block_size // group_size, 1) * group_size  # a group never straddles two blocks
+
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        w1 = w[:, b0:b1].clone()
+        hinv1 = hinv[b0:b1, b0:b1]
+        err1 = torch.zeros_like(w1)
+        scale = None
+        for i in range(b1 - b0):
+            col = b0 + i
+            if static_scales is None and col % group_size == 0:
+                keep_g = None
+                if sparsity and keep is not None:
+                    keep_g = keep[:, col:col + group_size]
+                    keep_all[:, col:col + group_size] = keep_g
+                elif sparsity:
+                    sal = (w1[:, i:i + group_size] / torch.diagonal(hinv1)[i:i + group_size]) ** 2
+                    sal = sal.view(n, group_size // m, m)
+                    top = sal.topk(n_keep, dim=-1).indices
+                    keep_g = torch.zeros_like(sal, dtype=torch.bool).scatter_(-1, top, True).view(n, group_size)
+                    keep_all[:, col:col + group_size] = keep_g
+                scale = _group_scale(w1[:, i:i + group_size], keep_g, bits)
+                scales[:, col // group_size] = scale
+            if static_scales is not None:
+                scale = static_scales[:, int(perm[col]) // group_size]
+            s = scale.to(torch.float32)
+            safe = torch.where(s == 0, torch.ones_like(s), s)
+            c, vals = _nearest(w1[:, i] / safe, bits, table)
+            q = vals * s
+            if sparsity:
+                kept = keep_all[:, col]
+                q = torch.where(kept, q, torch.zeros_like(q))
+            codes[:, col] = c
+            q_all[:, col] = q
+            e = (w1[:, i] - q) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
+
+    if act_order:
+        inv = torch.argsort(perm)
+        codes, q_all = codes[:, inv], q_all[:, inv]
+        scales = static_scales
+    return GPTQResult(codes=codes, scales=scales, keep=keep_all, dequantized=q_all)
+
+
+def top_eigvecs(hessian: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues desc [r], eigenvectors [K, r]) of the symmetric `hessian`."""
+    evals, evecs = torch.linalg.eigh(hessian.to(torch.float64))
+    order = torch.argsort(evals, descending=True)[:rank]
+    return evals[order].to(torch.float32), evecs[:, order].to(torch.float32)
+
+
+def whitened_lowrank(residual: torch.Tensor, hessian: torch.Tensor, rank: int, damp: float = 0.01
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-r `L R` for `‖X (E − L R)ᵀ‖` (EoRA / QERA): SVD of `E H^{1/2}`, mapped back by `H^{-1/2}`.
+
+    Returned sorted by singular value, balanced, float32: `L [N, r]`, `R [r, K]`.
+    """
+    h = hessian.to(torch.float64)
+    evals, evecs = torch.linalg.eigh(h)
+    evals = evals.clamp_min(damp * float(evals.clamp_min(0).mean()) + 1e-12)
+    root = evecs * evals.sqrt()  # H^{1/2} = V Λ^{1/2} Vᵀ; E V Λ^{1/2} has the same singular values
+    inv_root_t = (evecs / evals.sqrt()).T  # Λ^{-1/2} Vᵀ
+    u, s, vh = torch.linalg.svd(residual.to(torch.float64) @ root, full_matrices=False)
+    sq = s[:rank].sqrt()
+    left = u[:, :rank] * sq
+    right = (sq.unsqueeze(1) * vh[:rank]) @ inv_root_t
+    return left.to(torch.float32), right.to(torch.float32)
+
+
+def wanda_mask(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str) -> torch.Tensor:
+    """Wanda's cheap n:m score `|w_ij| · ‖x_j‖` (‖x_j‖² is H's diagonal): no weight update needed."""
+    from .sparsity import nm_mask
+
+    score = weight.abs().to(torch.float32) * torch.diagonal(hessian).clamp_min(0).sqrt().to(torch.float32)
+    return nm_mask(weight, sparsity, score=score)
+
+
+def intrinsic_lowrank(weight: torch.Tensor, hessian: torch.Tensor, rank: int, bits: int, group_size: int,
+                      sparsity: Optional[str] = None, damp: float = 0.01, act_order: bool = False,
+                      keep: Optional[torch.Tensor] = None) -> tuple[GPTQResult, torch.Tensor, torch.Tensor]:
+    """GPTQ-intrinsic LoRA: GPTQ on the deflated Hessian, then the correction.
+
+    With `V_r` the top-r eigenvectors of H, the correction `L R` with `R = V_rᵀ` and `L = (W − Q) V_r`
+    removes the error of every input direction in span(V_r) exactly, whatever Q is. So Q only has to
+    be good on the rest of the input space, i.e. under `H_r = H − V_r Λ_r V_rᵀ`: that is the Hessian
+    GPTQ gets. Finally the correction is refitted optimally for the Q found (`whitened_lowrank`), which
+    can only lower the error further (it is the best rank-r term for that Q, the V_r choice included).
+    """
+    evals, vr = top_eigvecs(hessian, rank)
+    deflated = hessian.to(torch.float32) - (vr * evals) @ vr.T
+    deflated = (deflated + deflated.T) / 2
+    # The deflated Hessian is singular along V_r; damp it relative to the *original* scale so GPTQ
+    # still treats those directions as (nearly) free rather than ill-posed.
+    mean = float(torch.diagonal(hessian).mean())
+    deflated += damp * mean * torch.eye(deflated.shape[0], dtype=deflated.dtype, device=deflated.device)
+    w = weight.to(torch.float32)
+    result = gptq(w, deflated, bits, group_size, sparsity=sparsity, damp=0.0, act_order=act_order, keep=keep)
+    left, right = whitened_lowrank(w - result.dequantized, hessian, rank, damp)
+    # The deflated objective is a bound, not the error itself: when the input spectrum is flat, Q
+    # tuned to the full Hessian can end up better after the same optimal refit. Both are cheap, so
+    # keep the better one; the layer error is then never above "GPTQ, then the best correction".
+    plain = gptq(w, hessian, bits, group_size, sparsity=sparsity, damp=damp, act_order=act_order, keep=keep)
+    pl, pr = whitened_lowrank(w - plain.dequantized, hessian, rank, damp)
+    if output_error(w, plain.dequantized + pl @ pr, hessian) < output_error(w, result.dequantized + left @ right, hessian):
+        return plain, pl, pr
+    return result, left, right

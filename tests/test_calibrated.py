@@ -1,0 +1,173 @@
+"""Calibrated compression: GPTQ, GPTQ-intrinsic LoRA, sequential block-by-block, calibration input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sqlora_hf
+from sqlora_hf import SQLoRAConfig, SQLoRALinear
+from sqlora_hf.compression.calibrated import CalibratedSpec, compress_with_hessian
+from sqlora_hf.compression.gptq import gptq, intrinsic_lowrank, output_error, whitened_lowrank
+from sqlora_hf.compression.rtn import dequantize_groups, quantize_groups
+
+
+def _layer(seed: int, n: int = 96, k: int = 256, rank_x: int = 24):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    # activations with a dominant low-rank part and a few outlier channels, like real LLM inputs
+    x = torch.randn(1024, rank_x, generator=g) @ torch.randn(rank_x, k, generator=g) + 0.2 * torch.randn(1024, k, generator=g)
+    x[:, :4] *= 8
+    return w, x.T @ x
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_gptq_beats_round_to_nearest_on_output_error(bits):
+    w, h = _layer(bits)
+    codes, scales = quantize_groups(w, bits, 64)
+    rtn = output_error(w, dequantize_groups(codes, scales, bits), h)
+    for act_order in (False, True):
+        assert output_error(w, gptq(w, h, bits, 64, act_order=act_order).dequantized, h) < 0.5 * rtn
+
+
+def test_gptq_sparse_keeps_the_pattern_and_beats_magnitude():
+    from sqlora_hf.compression.sparsity import nm_mask
+
+    w, h = _layer(5)
+    r = gptq(w, h, 4, 64, sparsity="4:8")
+    assert torch.equal(r.keep.view(96, -1, 8).sum(-1), torch.full((96, 32), 4))
+    assert bool((r.dequantized[~r.keep] == 0).all())
+    keep = nm_mask(w, "4:8")
+    codes, scales = quantize_groups(w[keep].view(96, -1), 4, 32)
+    magnitude = torch.zeros_like(w)
+    magnitude[keep] = dequantize_groups(codes, scales, 4).reshape(-1)
+    assert output_error(w, r.dequantized, h) < output_error(w, magnitude, h)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("rank", [4, 16])
+def test_intrinsic_never_worse_than_gptq_plus_lowrank_afterwards(seed, rank):
+    w, h = _layer(seed)
+    base = gptq(w, h, 4, 64)
+    left, right = whitened_lowrank(w - base.dequantized, h, rank)
+    after = output_error(w, base.dequantized + left @ right, h)
+    result, l2, r2 = intrinsic_lowrank(w, h, rank, 4, 64)
+    assert output_error(w, result.dequantized + l2 @ r2, h) <= after * 1.0001
+
+
+def test_compress_with_hessian_packs_a_valid_layer():
+    w, h = _layer(7)
+    for sparsity, criterion in ((None, "sparsegpt"), ("2:4", "sparsegpt"), ("4:8", "wanda")):
+        packed, rel = compress_with_hessian(w, h, CalibratedSpec(bits=4, group_size=64, sparsity=sparsity, rank=8,
+                                                                 sparsity_criterion=criterion), "blk")
+        packed.validate("blk")
+        assert 0 < rel < 0.5
+        approx = packed.dequantize()
+        assert abs(output_error(w, approx, h) / output_error(w, torch.zeros_like(w), h) - rel) < 1e-3
+
+
+def _tiny_tokenizer(directory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the a of and to in is it that for on with as was by be this are from at or an which".split()
+    vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+TEXTS = ["the cat is on the mat and it is warm " * 30, "a dog was in the garden with a ball " * 30,
+         "this is an example of text for calibration of the model " * 30]
+
+
+def test_from_pretrained_with_json_built_config_uses_tokenizer_beside_model(tiny_model_dirs, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    path, _ = tiny_model_dirs["llama"]
+    model_dir = tmp_path / "m"
+    shutil.copytree(path, model_dir)
+    _tiny_tokenizer(model_dir)
+    as_json = json.loads(json.dumps({"bits": 4, "rank": 4, "calibration": TEXTS, "calibration_samples": 4,
+                                     "calibration_seq_len": 32}))
+    q = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=SQLoRAConfig(**as_json))
+    assert sum(isinstance(m, SQLoRALinear) for m in q.modules()) == 14
+    q.save_pretrained(tmp_path / "out")
+    saved = json.load(open(tmp_path / "out" / "config.json"))["quantization_config"]["calibration"]
+    assert saved["samples"] == 4 and saved["seq_len"] == 32 and len(saved["sha256"]) == 64
+    assert "cat" not in json.dumps(saved)  # the texts themselves are never written
+    ids = torch.randint(0, 256, (1, 10))
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, q(ids).logits)
+
+
+def test_sequential_feeds_compressed_outputs_to_the_next_block(tiny_model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    path, _ = tiny_model_dirs["llama"]
+    torch.manual_seed(0)
+    calib = torch.randint(0, 256, (4, 16))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    seen = []
+    handle = model.model.layers[1].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True)
+    with torch.no_grad():
+        model(calib, use_cache=False)
+    fp_input = seen.pop()
+    seen.clear()
+    sqlora_hf.compress(model, SQLoRAConfig(bits=3, rank=0, calibration_samples=4, calibration_seq_len=16), calib)
+    during_calibration = torch.cat(seen[: len(seen) // 2 or 1])
+    seen.clear()
+    with torch.no_grad():
+        model(calib, use_cache=False)
+    compressed_input = seen.pop()
+    handle.remove()
+    torch.testing.assert_close(during_calibration, compressed_input)
+    assert not torch.allclose(compressed_input, fp_input, atol=1e-3)
+
+
+@pytest.mark.parametrize("data,needle", [
+    ([], "empty"),
+    (["", "   "], "shorter than one token"),
+    ("just one string", "list of texts"),
+    ([1, 2, 3], "only strings"),
+])
+def test_bad_calibration_input_is_a_clear_error(tiny_model_dirs, tmp_path, data, needle):
+    from transformers import AutoModelForCausalLM
+
+    path, _ = tiny_model_dirs["llama"]
+    tok = _tiny_tokenizer(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with pytest.raises(ValueError, match=needle):
+        sqlora_hf.compress(model, SQLoRAConfig(calibration_seq_len=8), data, tokenizer=tok)
+
+
+def test_texts_without_tokenizer_and_dataset_without_text_column(tiny_model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    path, _ = tiny_model_dirs["llama"]
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with pytest.raises(ValueError, match="tokenizer"):
+        sqlora_hf.compress(model, SQLoRAConfig(), TEXTS)
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"content": TEXTS})
+    with pytest.raises(ValueError, match="no 'text' column"):
+        sqlora_hf.compress(model, SQLoRAConfig(), ds, tokenizer=object())
+
+
+def test_dataset_with_text_column_works(tiny_model_dirs, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from transformers import AutoModelForCausalLM
+
+    path, _ = tiny_model_dirs["llama"]
+    tok = _tiny_tokenizer(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    cfg = SQLoRAConfig(rank=2, calibration_samples=2, calibration_seq_len=16)
+    sqlora_hf.compress(model, cfg, datasets.Dataset.from_dict({"text": TEXTS}), tokenizer=tok)
+    assert model.config.quantization_config.to_dict()["calibration"]["source"].startswith("datasets.Dataset")
