@@ -16,8 +16,10 @@ from transformers.quantizers.auto import (
 from .config import QUANT_METHOD, SQLoRAConfig
 from .formats import FORMAT_VERSION, FormatError, PackedLayer
 from .nn import SQLoRALinear
+from .peft_integration import load_adapter, lora_config, merge_and_unload, register_peft
 from .quantizer import SQLoRAHfQuantizer
 from .report import report
+from .hub import push_to_hub
 
 __version__ = "0.1.0"
 
@@ -29,4 +31,18 @@ if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
     register_quantizer(QUANT_METHOD)(SQLoRAHfQuantizer)
 
 __all__ = ["FORMAT_VERSION", "FormatError", "PackedLayer", "SQLoRAConfig", "SQLoRAHfQuantizer", "SQLoRALinear",
-           "__version__", "report"]
+           "__version__", "load_adapter", "lora_config", "merge_and_unload", "register_peft", "report"]
+__all__.append("push_to_hub")
+
+
+def compress(model, config: SQLoRAConfig, calibration_data=None, tokenizer=None):
+    """Compress a model already in memory, with calibration data (block by block, GPTQ-based).
+
+    `calibration_data` overrides `config.calibration`; texts need `tokenizer`. The model is changed
+    in place and returned; `save_pretrained` then writes an ordinary sqlora checkpoint.
+    """
+    from .sequential import compress_model
+
+    if calibration_data is None and not config.needs_calibration_run:
+        raise ValueError("sqlora_hf.compress needs calibration data: pass calibration_data=... or SQLoRAConfig(calibration=...)")
+    return compress_model(model, config, calibration_data, tokenizer or config._tokenizer)

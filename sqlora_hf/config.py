@@ -42,14 +42,15 @@ class SQLoRAConfig(QuantizationConfigMixin):
         backend: kernel backend: "auto" (fastest available) or a registered name such as "reference".
         format_version: version of the packed format (docs/format.md).
         memory_budget: "auto" (default: the nominal bits per weight of `bits`/`group_size`, e.g. 4.25
-            for 4-bit groups of 64, plus a pinned int `rank`'s bytes, spent by the planner where the error
-            drops most), None (every layer exactly at `bits`/`group_size`), an int number of bytes or a size
+            for 4-bit groups of 64, plus a pinned int `rank`'s bytes; the planner keeps `bits`, may only
+            coarsen groups to pay for metadata, and buys rank where it pays), None (every layer exactly at `bits`/`group_size`), an int number of bytes or a size
             string ("320MB", "1.5GiB") for the whole model, everything counted, or "3.25bpw" (average
             bits per weight over the compressed layers, as `report()` counts them). With a budget the
             checkpoint is planned before loading: each layer gets one of `tiers` × group sizes × ranks,
             chosen so the total fits and the summed estimated error is least.
             On reload of a saved model, a budget smaller than the model truncates the corrections.
-        tiers: bit widths the budget planner may give a layer besides `bits` (default (3, 4, 8): NF3 where a layer
+        tiers: bit widths the budget planner may give a layer besides `bits` under an explicit budget
+            (not under "auto", where it keeps `bits`) (default (3, 4, 8): NF3 where a layer
             tolerates it, NF4 for the bulk, int8 where outliers dominate the error).
         rank_rule: how `rank="auto"` picks ranks: "residual" (energy of the quantization residual
             per byte; default) or "stable" (SQ-LoRA's stable-rank bound on W).

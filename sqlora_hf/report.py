@@ -24,6 +24,9 @@ def _unique_bytes(model: nn.Module) -> int:
     return total
 
 
+TIER_NAMES = {2: "NF2", 3: "NF3", 4: "NF4", 8: "int8"}
+
+
 def report(model: nn.Module) -> dict[str, Any]:
     """One entry per compressed layer plus totals.
 
@@ -48,6 +51,9 @@ def report(model: nn.Module) -> dict[str, Any]:
             "rank": p.rank,
             "bytes": nbytes,
             "bits_per_weight": 8 * nbytes / weights,
+            "tier": TIER_NAMES.get(p.bits, f"{p.bits}-bit"),
+            # ||W − Ŵ − L·R||_F / ||W||_F measured at compression; None when unknown (a reloaded model).
+            "relative_error": getattr(module, "relative_error", None),
         }
         compressed_bytes += nbytes
         n_weights += weights
@@ -59,3 +65,18 @@ def report(model: nn.Module) -> dict[str, Any]:
         "bits_per_weight": 8 * compressed_bytes / n_weights if n_weights else 0.0,
         "total_bytes": _unique_bytes(model),
     }
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    """`report(model)` as a printable table: one row per layer, then the totals."""
+    head = f"{'layer':48s} {'shape':>11s} {'tier':>5s} {'g':>4s} {'sparse':>6s} {'rank':>4s} {'bpw':>6s} {'rel.err':>8s}"
+    lines = [head, "-" * len(head)]
+    for name, e in summary["layers"].items():
+        err = "-" if e.get("relative_error") is None else f"{e['relative_error']:.4f}"
+        shape = f"{e['shape'][0]}x{e['shape'][1]}"
+        lines.append(f"{name[-48:]:48s} {shape:>11s} {e['tier']:>5s} {e['group_size']:>4d} {str(e['sparsity'] or '-'):>6s} "
+                     f"{e['rank']:>4d} {e['bits_per_weight']:>6.3f} {err:>8s}")
+    lines.append("-" * len(head))
+    lines.append(f"{summary['compressed_layers']} compressed layers, {summary['bits_per_weight']:.4f} bits per weight, "
+                 f"{summary['compressed_bytes']} bytes compressed, {summary['total_bytes']} bytes in total")
+    return "\n".join(lines)

@@ -67,3 +67,8 @@ def resolve(name: str, module: "SQLoRALinear", x: torch.Tensor) -> Backend:
 
 
 from . import reference  # noqa: E402,F401  (registers itself)
+from . import triton as _triton_kernels  # noqa: E402,F401  (registers "triton" when the triton package is installed)
+try:  # the C backend is optional: a missing/broken library must never break `import sqlora_hf`
+    from . import cpu as _cpu_kernels  # noqa: E402,F401  (registers "cpu")
+except Exception:  # pragma: no cover
+    pass

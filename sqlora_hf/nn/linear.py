@@ -154,7 +154,11 @@ class SQLoRALinear(nn.Module):
             x = x.to(self.compute_dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        y = kernels.resolve(self.backend, self, x2).linear(self, x2)
+        backend = kernels.resolve(self.backend, self, x2)
+        if torch.is_grad_enabled() and (x2.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            y = _PackedLinearGrad.apply(x2, self.bias, self, backend)
+        else:
+            y = backend.linear(self, x2)
         return y.reshape(*lead, self.out_features).to(in_dtype)
 
     def kernel_cache(self, key: str) -> dict:
@@ -172,3 +176,34 @@ class SQLoRALinear(nn.Module):
                 self._buffers[name] = original.to(device=moved.device)
         self._kernel_cache.clear()
         return self
+
+
+class _PackedLinearGrad(torch.autograd.Function):
+    """Backward for any kernel backend: grad_x = grad_y·Ŵ + (grad_y·L)·R, grad_b = Σ grad_y.
+
+    Kernels (C, Triton) have no autograd, and even the reference backend would keep every layer's
+    dense Ŵ alive until backward. Here the forward runs without a graph and the backward dequantizes
+    this one layer's Ŵ, uses it and frees it, so training never holds more than one dense weight.
+    The packed buffers are read only: they never receive a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, bias: Optional[torch.Tensor], module: "SQLoRALinear", backend) -> torch.Tensor:
+        ctx.module = module
+        return backend.linear(module, x2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        module = ctx.module
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            packed = module.packed()
+            w_hat = packed.dequantize_quantized(grad_y.dtype)
+            grad_x = grad_y @ w_hat
+            del w_hat
+            if packed.rank > 0:
+                grad_x = grad_x + (grad_y @ packed.lowrank_l.to(grad_y.dtype)) @ packed.lowrank_r.to(grad_y.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_y.sum(0).to(module.bias.dtype)
+        return grad_x, grad_bias, None, None

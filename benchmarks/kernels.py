@@ -1,0 +1,181 @@
+"""CPU kernel benchmark: packed sqlora "cpu" kernels vs torch F.linear (fp32, bf16), plus end-to-end decode.
+
+Per layer shape and batch, weights are rotated through more memory than the cache holds (as a
+model's layers would be), with 1 and 2 threads; the bandwidth roofline (a streaming read of the same
+rotation set) is measured in the same run, so every ratio is side by side. Timings on a shared
+machine are noisy: read the ratios, not the absolute numbers.
+
+    python benchmarks/kernels.py [--quick] [--json PATH] [--no-e2e]
+    python benchmarks/kernels.py --device cuda ...   # delegates to benchmarks/kernels_cuda.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+BATCHES = [1, 4, 16, 64]
+FORMATS = [(4, 64, None), (4, 64, "4:8")]
+
+
+def random_packed(n: int, k: int, bits: int, group: int, sparsity, gen: torch.Generator) -> dict:
+    """Random but valid kernel inputs for one layer (codes are arbitrary bytes; masks keep 4 of 8)."""
+    n_stored = k // 2 if sparsity else k
+    row_bytes = n_stored if bits == 8 else n_stored // 32 * 4 * bits
+    codes = torch.randint(0, 256, (n, row_bytes), dtype=torch.uint8, generator=gen)
+    scales = torch.rand(n, k // group, generator=gen) * 0.1
+    mask = None
+    if sparsity:
+        keep = torch.rand(n, k // 8, 8, generator=gen).argsort(-1)[..., :4]
+        bits_kept = torch.zeros(n, k // 8, 8, dtype=torch.int32).scatter_(-1, keep, 1)
+        mask = (bits_kept << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+    from sqlora_hf.formats.codebooks import nf_table
+
+    return dict(codes=codes, scales=scales, mask=mask, lut=nf_table(bits) if bits != 8 else torch.zeros(1),
+                bits=bits, group=group, sparsity={None: 0, "2:4": 1, "4:8": 2}[sparsity], n=n)
+
+
+def packed_bytes(p: dict) -> int:
+    return p["codes"].numel() + 2 * p["scales"].numel() + (0 if p["mask"] is None else p["mask"].numel())
+
+
+def time_rotating(fn, items: list, reps: int) -> float:
+    """Median seconds per call, cycling through `items` so each call reads cold weights."""
+    fn(items[0])
+    times = []
+    for r in range(reps):
+        item = items[r % len(items)]
+        t0 = time.perf_counter()
+        fn(item)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int, rotate_bytes: int) -> int:
+    return max(2, -(-rotate_bytes // nbytes))
+
+
+def bench_layers(args) -> list[dict]:
+    from sqlora_hf.kernels.cpu import library
+
+    op = torch.ops.sqlora_cpu.linear
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    batches = [1, 16] if args.quick else BATCHES
+    reps = 9 if args.quick else 21
+    for n, k in shapes:
+        w32 = [torch.randn(n, k, generator=gen) for _ in range(copies_for(n * k * 4, args.rotate_mb << 20))]
+        w16 = [w.to(torch.bfloat16) for w in w32[: copies_for(n * k * 2, args.rotate_mb << 20)]]
+        packs = {}
+        for fmt in FORMATS:
+            one = random_packed(n, k, *fmt, gen)
+            packs[fmt] = [one] + [random_packed(n, k, *fmt, gen)
+                                  for _ in range(copies_for(packed_bytes(one), args.rotate_mb << 20) - 1)]
+        stream = torch.empty((args.rotate_mb << 20) // 4)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            os.environ["SQLORA_CPU_THREADS"] = str(threads)
+            t = time_rotating(lambda s: s.sum(), [stream], 5)
+            roof_gbs = stream.numel() * 4 / t / 1e9
+            for m in batches:
+                x = torch.randn(m, k, generator=gen)
+                xb = x.to(torch.bfloat16)
+                t32 = time_rotating(lambda w: F.linear(x, w), w32, reps)
+                t16 = time_rotating(lambda w: F.linear(xb, w), w16, reps)
+                for fmt, items in packs.items():
+                    def call(p):
+                        return op(x, p["codes"], p["scales"], p["mask"], p["lut"], None, None, None,
+                                  p["n"], p["bits"], p["group"], p["sparsity"])
+                    tq = time_rotating(call, items, reps)
+                    nbytes = packed_bytes(items[0])
+                    rows.append(dict(
+                        shape=f"{n}x{k}", batch=m, threads=threads, format=f"{fmt[0]}-bit g{fmt[1]} {fmt[2] or 'dense'}",
+                        isa=library.selected_isa(), ms=tq * 1e3, gbs=nbytes / tq / 1e9,
+                        roofline_gbs=roof_gbs, roofline_frac=(nbytes / tq / 1e9) / roof_gbs,
+                        fp32_ms=t32 * 1e3, bf16_ms=t16 * 1e3, vs_fp32=t32 / tq, vs_bf16=t16 / tq,
+                    ))
+                    r = rows[-1]
+                    print(f"{r['shape']:>11} M={m:<3} t={threads} {r['format']:<18} {r['ms']:8.2f} ms "
+                          f"{r['gbs']:6.1f} GB/s ({100 * r['roofline_frac']:3.0f}% of {roof_gbs:.1f}) "
+                          f"fp32 {r['fp32_ms']:8.2f} ms x{r['vs_fp32']:.2f}  bf16 {r['bf16_ms']:8.2f} ms x{r['vs_bf16']:.2f}",
+                          flush=True)
+        del w32, w16, packs, stream
+    return rows
+
+
+def bench_decode(args) -> dict:
+    """Greedy decode tokens/s of SmolLM2-135M compressed (backend "cpu") vs uncompressed fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sqlora_hf import SQLoRAConfig
+    from sqlora_hf.evaluation import save_smollm2
+
+    directory = os.path.join(tempfile.gettempdir(), "sqlora_bench_smollm2")
+    save_smollm2(directory)
+    tok = AutoTokenizer.from_pretrained(directory)
+    ids = tok("The quick brown fox jumps over the lazy dog. Once upon a time", return_tensors="pt").input_ids
+    torch.set_num_threads(args.decode_threads)
+    os.environ["SQLORA_CPU_THREADS"] = str(args.decode_threads)
+    out = {}
+    for label, kwargs in (("fp32", {}), ("sqlora-cpu", {"quantization_config": SQLoRAConfig(backend="cpu")})):
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
+        gen_kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
+            t0 = time.perf_counter()
+            model.generate(ids, **gen_kw)
+            dt = time.perf_counter() - t0
+        out[label] = args.new_tokens / dt
+        print(f"decode {label:<11} {out[label]:7.1f} tokens/s ({args.new_tokens} new tokens)", flush=True)
+        del model
+    out["speedup"] = out["sqlora-cpu"] / out["fp32"]
+    print(f"decode speed-up compressed / fp32: x{out['speedup']:.2f}")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="two shapes, batches 1 and 16, fewer repetitions")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rotate-mb", type=int, default=256, help="weight memory cycled through per config")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--decode-threads", type=int, default=1,
+                        help="threads for the decode benchmark (1: on a shared box, 2-thread barriers stall)")
+    parser.add_argument("--no-layers", action="store_true", help="skip the per-layer benchmark")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the SmolLM2 decode benchmark")
+    args, rest = parser.parse_known_args(argv)
+    if args.device == "cuda":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import kernels_cuda
+
+        return kernels_cuda.main([a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--device", "cuda")])
+    if rest:
+        parser.error(f"unrecognized arguments: {rest}")
+    import sqlora_hf.kernels.cpu  # noqa: F401  (registers the op)
+
+    if args.quick:
+        args.rotate_mb = min(args.rotate_mb, 128)
+        args.new_tokens = min(args.new_tokens, 24)
+    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+               "layers": [] if args.no_layers else bench_layers(args)}
+    if not args.no_e2e:
+        results["decode"] = bench_decode(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Model-level glue of the memory budget and elastic rank (the algorithms live in `compression/`).
+
+- `plan_for_budget`: before weights load, map module names to checkpoint keys, count the bytes that
+  stay uncompressed, and let `compression.checkpoint_plan` fix one spec per layer.
+- `apply_elastic_rank`: after loading, cut the sorted low-rank factors to `rank_keep` or to what a
+  (smaller) `memory_budget` allows, without recompressing.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .compression import CompressionSpec
+from .compression.checkpoint_plan import LayerToPlan, plan_checkpoint
+from .compression.elastic import kept_rank, ranks_for_budget, truncate_rank
+from .compression.planner import BudgetError, parse_budget
+from .config import SQLoRAConfig
+
+
+def fixed_bytes(model: nn.Module, converted: Sequence[str]) -> int:
+    """Bytes of every parameter and buffer compression leaves alone (tied tensors once), read from
+    the meta model: embeddings, norms, biases, the head; the fp weight slots of converted layers
+    are excluded."""
+    slots = {id(model.get_submodule(name)._parameters.get("weight")) for name in converted}
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in slots or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def checkpoint_key(name: str, keys: set[str], prefix: str) -> str:
+    """The checkpoint key of `name`'s weight, allowing for a base-model prefix added or dropped."""
+    candidates = [f"{name}.weight"]
+    if prefix and name.startswith(prefix + "."):
+        candidates.append(f"{name[len(prefix) + 1:]}.weight")
+    if prefix:
+        candidates.append(f"{prefix}.{name}.weight")
+    for key in candidates:
+        if key in keys:
+            return key
+    return candidates[0]
+
+
+def planned_tiers(config: SQLoRAConfig) -> list[int]:
+    """Bit widths the planner may use. With the default "auto" budget only `bits` itself, and group
+    sizes no finer than `group_size` (checkpoint_plan): the plan is then the uniform layout with a
+    few groups coarsened to pay for metadata, plus any rank worth its bytes. Measured on SmolLM2,
+    letting the data-free error proxy mix tiers or finer groups at 4.25 bpw was worse than uniform
+    NF4 g64 (docs/benchmarks_quality.md), so those trades happen only under an explicit budget."""
+    if parse_budget(config.memory_budget).auto:
+        return [config.bits]
+    return sorted({*config.tiers, config.bits})
+
+
+def plan_for_budget(model: nn.Module, config: SQLoRAConfig, converted: Sequence[str],
+                    checkpoint_files: Optional[Sequence[str]]) -> dict[str, CompressionSpec]:
+    """{module name: spec} so that the whole model fits `config.memory_budget` with least error."""
+    from .compression.checkpoint_plan import find_keys
+    from .quantizer import compression_spec
+
+    if not checkpoint_files:
+        raise ValueError("SQLoRAConfig.memory_budget needs the checkpoint files to plan; none were given")
+    files = [str(f) for f in checkpoint_files]
+    if not all(f.endswith(".safetensors") for f in files):
+        raise ValueError("SQLoRAConfig.memory_budget plans from safetensors checkpoints only; "
+                         "set memory_budget=None to compress a .bin checkpoint")
+    keys = set(find_keys(files))
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    layers = [LayerToPlan(name, checkpoint_key(name, keys, prefix), model.get_submodule(name).transposed_source)
+              for name in converted]
+    # transformers builds the model under a meta-device context; the planner computes on real tensors.
+    with torch.device("cpu"):
+        plan = plan_checkpoint(layers, files, parse_budget(config.memory_budget), fixed_bytes(model, converted),
+                               compression_spec(config), planned_tiers(config),
+                               str(config.memory_budget))
+    return plan.specs
+
+
+def apply_elastic_rank(model: nn.Module, config: SQLoRAConfig, converted: Sequence[str],
+                       pre_quantized: bool) -> None:
+    """Truncate the corrections to `rank_keep`, then (reload only) to a whole-model byte budget."""
+    modules = {name: model.get_submodule(name) for name in converted}
+    if config.rank_keep is not None and config.rank_keep < 1:
+        for name, module in modules.items():
+            p = module.packed()
+            if p.rank:
+                module.set_packed(truncate_rank(p, kept_rank(p.rank, config.rank_keep), name))
+        # Applied once: the truncated factors are what a later save_pretrained writes, so the saved
+        # config must not ask for another cut on the next reload.
+        config.rank_keep = None
+    if not pre_quantized or config.memory_budget in (None, "auto"):
+        return
+    from .report import report
+
+    summary = report(model)
+    budget = parse_budget(config.memory_budget)
+    compressed = summary["compressed_bytes"]
+    rest = summary["total_bytes"] - compressed
+    layer_budget = budget.layer_bytes(summary["compressed_weights"], rest)
+    if compressed <= layer_budget:
+        return
+    layers = {name: m.packed() for name, m in modules.items()}
+    try:
+        ranks = ranks_for_budget(layers, layer_budget)
+    except ValueError as err:
+        raise BudgetError(f"SQLoRAConfig.memory_budget={config.memory_budget!r} cannot be met on reload by "
+                          f"truncating the low-rank corrections: {err}. Recompress the fp model with this "
+                          "budget instead.") from None
+    for name, rank in ranks.items():
+        if rank != layers[name].rank:
+            modules[name].set_packed(truncate_rank(layers[name], rank, name))

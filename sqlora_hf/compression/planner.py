@@ -1,0 +1,238 @@
+"""The memory-budget planner (MLoRQ / LQ-LoRA style): one configuration per layer, least total error.
+
+Per layer there are candidate configurations (bits, group size, rank, sparsity), each with an exact
+byte cost and an estimated error. A candidate that costs more *and* errs more than another is never
+worth choosing, so each layer keeps only its Pareto front. Choosing one candidate per layer so the
+bytes fit and the summed error is least is a multiple-choice knapsack; it is solved exactly by
+dynamic programming over bytes, in units of `unit` bytes with every cost rounded *up* (so the
+plan can never exceed the real budget). With `unit = 1` the solution is exactly optimal; a coarser
+unit is optimal for the rounded costs and loses at most `layers × unit` bytes of budget.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to store one layer: its settings, exact bytes and estimated error."""
+
+    bits: int
+    group_size: int
+    rank: int
+    sparsity: Optional[str]
+    nbytes: int
+    error: float
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def label(self) -> str:
+        sp = f" {self.sparsity}" if self.sparsity else ""
+        return f"{self.bits}b g{self.group_size} r{self.rank}{sp}"
+
+
+def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """Candidates no other candidate beats on both bytes and error, sorted by bytes ascending."""
+    ordered = sorted(candidates, key=lambda c: (c.nbytes, c.error))
+    front: list[Candidate] = []
+    for c in ordered:
+        if not front or c.error < front[-1].error:
+            front.append(c)
+    return front
+
+
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parsed `memory_budget`: either whole-model bytes or average bits per compressed weight."""
+
+    total_bytes: Optional[int] = None
+    bits_per_weight: Optional[float] = None
+    auto: bool = False  # "auto": the bytes of the uniform configuration, spent where they help most
+
+    def layer_bytes(self, n_weights: int, fixed_bytes: int) -> int:
+        """Bytes left for the compressed layers (qmeta, codes, scales, masks, factors)."""
+        if self.bits_per_weight is not None:
+            return int(self.bits_per_weight * n_weights // 8)
+        return int(self.total_bytes) - fixed_bytes
+
+    def describe(self) -> str:
+        if self.auto:
+            return "auto"
+        if self.bits_per_weight is not None:
+            return f"{self.bits_per_weight:g} bits per weight"
+        return f"{self.total_bytes} bytes"
+
+
+def parse_budget(value: Any, field_name: str = "memory_budget") -> Budget:
+    """`320_000_000`, `"320MB"`, `"1.5GiB"` (whole model) or `"3.25bpw"` (average bits per weight)."""
+    allowed = '"auto", an int number of bytes > 0, a size string such as "320MB" / "1.5GiB", or "3.25bpw" (2.25 to 16)'
+    if isinstance(value, bool):
+        raise ValueError(f"SQLoRAConfig.{field_name}={value!r} is not valid; allowed: {allowed}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"SQLoRAConfig.{field_name}={value!r} is not valid; allowed: {allowed}")
+        return Budget(total_bytes=value)
+    if isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        if text == "auto":
+            return Budget(auto=True)
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)bpw", text, flags=re.IGNORECASE)
+        if m:
+            bpw = float(m.group(1))
+            if not 2.25 <= bpw <= 16:
+                raise ValueError(f"SQLoRAConfig.{field_name}={value!r} is not valid; allowed: {allowed}")
+            return Budget(bits_per_weight=bpw)
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]I?B|B)", text, flags=re.IGNORECASE)
+        if m and float(m.group(1)) > 0:
+            return Budget(total_bytes=int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]))
+    raise ValueError(f"SQLoRAConfig.{field_name}={value!r} is not valid; allowed: {allowed}")
+
+
+class BudgetError(ValueError):
+    """The budget cannot be met; the message says the least achievable."""
+
+
+def solve_budget(fronts: Sequence[Sequence[Candidate]], budget_bytes: int,
+                 resolution: int = 100_000) -> list[int]:
+    """Index of the chosen candidate per layer: total bytes <= `budget_bytes`, least summed error.
+
+    Exact multiple-choice knapsack by dynamic programming over byte units; the unit is
+    `ceil(budget / resolution)` bytes (1 byte for small problems, where it is exactly optimal).
+    Raises `BudgetError` with the least achievable bytes when even the smallest candidates do not fit.
+    """
+    if not fronts:
+        return []
+    least = sum(min(c.nbytes for c in f) for f in fronts)
+    if least > budget_bytes:
+        raise BudgetError(f"the budget allows {budget_bytes} bytes for the compressed layers, "
+                          f"but the smallest configuration of every layer needs {least} bytes")
+    unit = max(1, -(-budget_bytes // resolution))
+    cap = budget_bytes // unit
+    inf = np.inf
+    best = np.full(cap + 1, inf)  # best[b] = least error using exactly <= b units so far
+    best[0:] = 0.0
+    choices = np.zeros((len(fronts), cap + 1), dtype=np.int16)
+    for layer, front in enumerate(fronts):
+        new = np.full(cap + 1, inf)
+        pick = np.zeros(cap + 1, dtype=np.int16)
+        for j, c in enumerate(front):
+            cost = -(-c.nbytes // unit)
+            if cost > cap:
+                continue
+            shifted = np.full(cap + 1, inf)
+            shifted[cost:] = best[: cap + 1 - cost] + c.error
+            improve = shifted < new
+            new[improve] = shifted[improve]
+            pick[improve] = j
+        best = new
+        choices[layer] = pick
+    if not np.isfinite(best[cap]):
+        # Rounding costs up made the smallest configurations overflow: retry with finer units.
+        if unit > 1:
+            return solve_budget(fronts, budget_bytes, resolution * 4)
+        raise BudgetError(f"no combination of layer configurations fits {budget_bytes} bytes")
+    out = [0] * len(fronts)
+    b = cap
+    for layer in range(len(fronts) - 1, -1, -1):
+        j = int(choices[layer, b])
+        out[layer] = j
+        b -= -(-fronts[layer][j].nbytes // unit)
+    return out
+
+
+# ---- candidates of one layer ----------------------------------------------------------------------
+
+QMETA_BYTES = 32
+PLAN_GROUP_SIZES = (32, 64, 128, 256)
+PLAN_RANKS = (8, 16, 32, 64)
+
+
+def layer_bytes(rows: int, cols: int, bits: int, group_size: int, rank: int, sparsity: Optional[str]) -> int:
+    """Exact storage of one packed layer (docs/format.md): qmeta, codes, scales, mask, factors."""
+    stored = cols // 2 if sparsity else cols
+    codes = rows * stored * bits // 8
+    scales = rows * (cols // group_size) * 2
+    mask = rows * cols // 8 if sparsity else 0
+    return QMETA_BYTES + codes + scales + mask + 2 * rank * (rows + cols)
+
+
+def nominal_bits_per_weight(bits: int, group_size: int, sparsity: Optional[str]) -> float:
+    """Bits per weight of a layout without metadata (the docs/format.md table): codes, scales, mask."""
+    return (bits / 2 + 1 if sparsity else bits) + 16 / group_size
+
+
+def layer_candidates(weight: "torch.Tensor", tiers: Sequence[int], sparsity: Optional[str],
+                     rank: Any, max_rank_bpw: float = 0.25, sample_every: int = 4,
+                     scale_search: bool = True, min_group_size: int = 0) -> list[Candidate]:
+    """Candidates (bits × group size × rank) of one `[N, K]` layer with exact bytes and estimated error.
+
+    The error estimate is the relative squared error `||W − Ŵ − L·R||² / ||W||²` (HIGGS' linearity
+    view with equal layer weights, since there is no data to weigh layers). Quantization error is
+    measured on every `sample_every`-th row (rows are quantized independently, so the sample is an
+    unbiased estimate at a fraction of the cost). A rank-r correction's gain is the energy of the top
+    r singular values of the full residual at the bulk tier (4 bits, or the nearest), applied to
+    every quantization of the layer in proportion to its error: the residual is noise-like, so its
+    top directions hold about the same share of the energy whatever the grid. Group sizes below
+    `min_group_size` are left out.
+    """
+    import torch
+
+    from .compress import top_singular_values
+    from .rtn import dequantize_groups, quantize_groups
+    from .scales import search_scales
+    from .sparsity import compact, expand, nm_mask
+
+    from ..formats.layer import layout_problem
+
+    w = weight.detach().to(torch.float32)
+    n, k = w.shape
+    norm2 = float((w.double() ** 2).sum()) or 1.0
+    keep = nm_mask(w, sparsity) if sparsity else None
+    sample = w[::sample_every]
+    sample_keep = keep[::sample_every] if keep is not None else None
+    pruned2 = float((w[~keep].double() ** 2).sum()) if keep is not None else 0.0
+    stored = compact(sample, sample_keep) if keep is not None else sample
+    scale_factor = n / sample.shape[0]
+    out: list[Candidate] = []
+    quant_err: dict[tuple[int, int], float] = {}
+    for bits in tiers:
+        for g in PLAN_GROUP_SIZES:
+            if g < min_group_size or layout_problem(bits, g, sparsity, k):
+                continue
+            gl = g // 2 if sparsity else g
+            scales = search_scales(stored, bits, gl) if scale_search else None
+            codes, s16 = quantize_groups(stored, bits, gl, scales)
+            err = float(((stored - dequantize_groups(codes, s16, bits)).double() ** 2).sum()) * scale_factor
+            quant_err[(bits, g)] = err + pruned2
+    if not quant_err:
+        return out
+    if rank == "auto":
+        cap = min(int(max_rank_bpw * n * k // (16 * (n + k))), min(n, k))
+        ranks = [0] + [r for r in PLAN_RANKS if r <= cap]
+    else:
+        ranks = [int(rank)]  # a pinned rank is kept: the planner only chooses the grid
+    share: dict[int, float] = {0: 0.0}
+    if max(ranks) > 0:
+        bulk = min(quant_err, key=lambda bg: (abs(bg[0] - 4), bg[1] != 64, bg[1]))
+        bits, g = bulk
+        gl = g // 2 if sparsity else g
+        full = compact(w, keep) if keep is not None else w
+        scales = search_scales(full, bits, gl) if scale_search else None
+        codes, s16 = quantize_groups(full, bits, gl, scales)
+        q = dequantize_groups(codes, s16, bits)
+        residual = w - (expand(q, keep) if keep is not None else q)
+        energy = float((residual.double() ** 2).sum()) or 1.0
+        top = top_singular_values(residual, max(ranks)).double() ** 2
+        for r in ranks:
+            share[r] = float(top[:r].sum()) / energy
+    for (bits, g), err in quant_err.items():
+        for r in ranks:
+            out.append(Candidate(bits, g, r, sparsity, layer_bytes(n, k, bits, g, r, sparsity),
+                                 err * (1.0 - share[r]) / norm2))
+    return out

@@ -1,0 +1,81 @@
+"""MSE-optimal group scales, data free: the cheapest large win over absmax round-to-nearest.
+
+Absmax scaling spends the codebook's extreme levels on each group's single largest weight, so the
+bulk of the group (which carries most of the output) is quantized coarsely. Searching a clipped
+scale `α·absmax` per group and keeping the `α` with the least squared error (the HQQ / HIGGS idea
+without data), then refitting the scale in closed form for the chosen codes, lowers the error of NF4
+by about a fifth and of NF3 by more. The format allows any float16 scale (docs/format.md), so
+nothing changes for readers.
+
+A negative scale is also allowed: it mirrors the codebook. NF3 has four positive and three negative
+levels, so mirroring a group whose largest weights are negative gives it the finer side.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..formats.codebooks import nf_table
+
+# Shrink factors tried per group. Deep clipping lowers weight MSE further but raises perplexity: the
+# largest weights of a group are the salient ones, so the search stays close to absmax.
+CLIP_GRID = (1.0, 0.97, 0.94, 0.91)
+
+
+def _midpoints(table: torch.Tensor) -> torch.Tensor:
+    return (table[1:] + table[:-1]) / 2
+
+
+def _codes_for(v: torch.Tensor, s16: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest codes of `v` `[N, G, g]` against fp16 scales `[N, G]` (codes agree with the stored scale)."""
+    s = s16.to(torch.float32).unsqueeze(-1)
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    x = v / safe
+    if bits == 8:
+        return x.round().clamp_(-127, 127)
+    table = nf_table(bits, torch.float32, v.device)
+    return torch.bucketize(x.clamp(-1, 1), _midpoints(table))
+
+
+def _values_of(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return codes.to(torch.float32)
+    return nf_table(bits, torch.float32, codes.device)[codes]
+
+
+def _group_error(v: torch.Tensor, s16: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    return ((v - s16.to(torch.float32).unsqueeze(-1) * vals) ** 2).sum(-1)
+
+
+def search_scales(values: torch.Tensor, bits: int, group_len: int, refit: bool = True) -> torch.Tensor:
+    """Per-group float16 scales minimising the squared quantization error of `values` `[N, Kc]`.
+
+    Tries `±α·absmax` for α in `CLIP_GRID` (int8: `+α·absmax/127`), keeps each group's best, then
+    refits the scale by least squares for the chosen codes (`s = <w, c>/<c, c>`) and keeps that
+    only where it lowers the error. Every step is "keep the better per group", so the result is
+    never worse than absmax.
+    """
+    n, kc = values.shape
+    v = values.to(torch.float32).reshape(n, kc // group_len, group_len)
+    absmax = v.abs().amax(-1)
+    if bits == 8:
+        base, signs = absmax / 127.0, (1.0,)
+    else:
+        base, signs = absmax, (1.0, -1.0)
+    best_s = base.to(torch.float16)
+    best_err = _group_error(v, best_s, _values_of(_codes_for(v, best_s, bits), bits))
+    for sign in signs:
+        for alpha in CLIP_GRID:
+            s16 = (sign * alpha * base).to(torch.float16)
+            err = _group_error(v, s16, _values_of(_codes_for(v, s16, bits), bits))
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s16, best_s)
+    if refit:
+        vals = _values_of(_codes_for(v, best_s, bits), bits)
+        denom = (vals * vals).sum(-1)
+        ls = torch.where(denom > 0, (v * vals).sum(-1) / denom.clamp_min(1e-30), best_s.to(torch.float32))
+        s16 = ls.to(torch.float16)
+        if bool(torch.isfinite(s16).all()):
+            err = _group_error(v, s16, _values_of(_codes_for(v, s16, bits), bits))
+            best_s = torch.where(err < best_err, s16, best_s)
+    return best_s

@@ -1,0 +1,177 @@
+"""The "cpu" C backend against the reference backend, on every ISA path this machine runs."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sqlora_hf import kernels
+from sqlora_hf.compression.compress import CompressionSpec, compress_weight
+from sqlora_hf.kernels.cpu import library
+from sqlora_hf.nn.linear import SQLoRALinear
+
+pytestmark = pytest.mark.skipif(library.load() is None, reason=f"CPU kernels not built: {library.load_error()}")
+
+ISAS = [isa for isa in ("scalar", "avx2", "avx512", "neon", "dotprod") if isa in library.supported_isas()]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("SQLORA_CPU_ISA", request.param)
+    return request.param
+
+
+def make_layer(n: int, k: int, bits: int, group: int, sparsity, rank: int, bias: bool, seed: int = 0) -> SQLoRALinear:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    b = torch.randn(n, generator=gen) if bias else None
+    spec = CompressionSpec(bits=bits, group_size=group, sparsity=sparsity, rank=rank, qa_iterations=0)
+    return SQLoRALinear.from_dense(w, b, spec)
+
+
+def run(module: SQLoRALinear, x: torch.Tensor, backend: str) -> torch.Tensor:
+    module.backend = backend
+    with torch.no_grad():
+        return module(x)
+
+
+def assert_close_rel(y: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> None:
+    rel = (y - ref).norm() / ref.norm().clamp_min(1e-12)
+    assert rel < tol, f"relative error {rel:.3e} > {tol}"
+    torch.testing.assert_close(y, ref, rtol=1e-3, atol=1e-4 * ref.abs().max().item())
+
+
+FORMATS = [
+    (4, 64, None), (4, 32, None), (4, 128, None), (4, 256, None), (3, 64, None), (8, 64, None), (2, 64, None),
+    (4, 64, "2:4"), (4, 128, "4:8"), (3, 64, "4:8"), (8, 64, "2:4"), (2, 128, "2:4"),
+]
+
+
+@pytest.mark.parametrize("bits,group,sparsity", FORMATS)
+def test_every_format_matches_reference(isa, bits, group, sparsity):
+    # N odd and not a multiple of any SIMD width; K a multiple of the group size (the format's rule).
+    n, k = 37, group * 3
+    module = make_layer(n, k, bits, group, sparsity, rank=5, bias=True)
+    for m in (1, 3, 16):
+        x = torch.randn(m, k)
+        assert_close_rel(run(module, x, "cpu"), run(module, x, "reference"))
+
+
+@pytest.mark.parametrize("rank,bias", [(0, False), (0, True), (7, False), (16, True)])
+@pytest.mark.parametrize("m", [1, 2, 5, 64])
+def test_batches_and_lowrank(isa, rank, bias, m):
+    module = make_layer(51, 256, 4, 64, None, rank=rank, bias=bias, seed=m)
+    x = torch.randn(m, 256)
+    assert_close_rel(run(module, x, "cpu"), run(module, x, "reference"))
+
+
+def test_oracle_is_dequantize(isa):
+    """The kernel equals x·(Ŵ + L·R)ᵀ from `PackedLayer.dequantize`, the format's oracle."""
+    module = make_layer(33, 192, 4, 64, "4:8", rank=4, bias=False)
+    x = torch.randn(4, 192)
+    ref = x @ module.dequantize(torch.float32).T
+    assert_close_rel(run(module, x, "cpu"), ref)
+
+
+def test_leading_dims_and_half_inputs(isa):
+    module = make_layer(40, 128, 4, 64, None, rank=2, bias=True)
+    x = torch.randn(2, 3, 128)
+    assert run(module, x, "cpu").shape == (2, 3, 40)
+    assert_close_rel(run(module, x, "cpu"), run(module, x, "reference"))
+    xb = x.to(torch.bfloat16)
+    yb = run(module, xb, "cpu")
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), run(module, xb.float(), "reference"), rtol=2e-2, atol=2e-2)
+
+
+def test_threads_agree(monkeypatch):
+    module = make_layer(129, 256, 4, 64, None, rank=3, bias=True)
+    x = torch.randn(3, 256)
+    monkeypatch.setenv("SQLORA_CPU_THREADS", "1")
+    y1 = run(module, x, "cpu")
+    monkeypatch.setenv("SQLORA_CPU_THREADS", "2")
+    y2 = run(module, x, "cpu")
+    assert torch.equal(y1, y2)  # rows are independent: the thread split cannot change a value
+
+
+def test_bad_isa_name_is_a_clear_error(monkeypatch):
+    module = make_layer(8, 64, 4, 64, None, rank=0, bias=False)
+    monkeypatch.setenv("SQLORA_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="SQLORA_CPU_ISA must be one of"):
+        run(module, torch.randn(1, 64), "cpu")
+
+
+def test_corrupt_buffers_are_rejected_before_the_kernel_reads():
+    module = make_layer(16, 128, 4, 64, "2:4", rank=2, bias=False)
+    x = torch.randn(1, 128)
+    c = {k: v for k, v in module.named_buffers()}
+    op = torch.ops.sqlora_cpu.linear
+    from sqlora_hf.kernels.cpu import prepared
+
+    p = prepared(module)
+    args = dict(x=x, codes=p["codes"], scales=p["scales"], mask=p["mask"], lut=p["lut"], lowrank_l=p["L"],
+                lowrank_r=p["R"], bias=None)
+    short = {
+        "codes": p["codes"].reshape(-1)[:-1], "scales": p["scales"].reshape(-1)[:-3],
+        "mask": p["mask"].reshape(-1)[:8], "lowrank_r": p["R"].reshape(-1)[:-1],
+    }
+    for name, bad in short.items():
+        kw = dict(args, **{name: bad.clone()})
+        with pytest.raises((ValueError, RuntimeError), match=name):
+            op(*kw.values(), 16, 4, 64, 1)
+    # A mask whose rows do not keep K/2 weights would make the kernel read past a row's codes.
+    broken = p["mask"].clone()
+    broken[0, 0] = 0xFF
+    with pytest.raises(RuntimeError, match="buffer length"):
+        op(*dict(args, mask=broken).values(), 16, 4, 64, 1)
+    # Through the module: a truncated qcodes buffer is refused when the kernel prepares the layer.
+    module.qcodes = c["qcodes"][:, :-1].contiguous()
+    module._kernel_cache.clear()
+    with pytest.raises(ValueError, match="qcodes"):
+        run(module, x, "cpu")
+
+
+def test_custom_op_traces_on_meta_and_compiles():
+    module = make_layer(24, 128, 4, 64, None, rank=2, bias=True)
+    from sqlora_hf.kernels.cpu import prepared
+
+    p = prepared(module)
+    xm = torch.empty(5, 128, device="meta")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = torch.ops.sqlora_cpu.linear(torch.empty(5, 128), p["codes"], p["scales"], None, p["lut"], p["L"], p["R"],
+                                          None, 24, 4, 64, 0)
+    assert out.shape == (5, 24)
+    assert torch.ops.sqlora_cpu.linear(xm, p["codes"].to("meta"), p["scales"].to("meta"), None, p["lut"].to("meta"),
+                                       None, None, None, 24, 4, 64, 0).shape == (5, 24)
+    module.backend = "cpu"
+    compiled = torch.compile(lambda t: module(t), backend="eager", fullgraph=False)
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), run(module, x, "reference"), rtol=1e-4, atol=1e-4)
+
+
+def test_auto_picks_cpu_backend():
+    module = make_layer(8, 64, 4, 64, None, rank=0, bias=False)
+    assert kernels.resolve("auto", module, torch.randn(1, 64)).name in ("cpu", "triton", "cuda")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_tiny_model_same_logits_as_reference(tiny_model_dirs, arch):
+    from transformers import AutoModelForCausalLM
+
+    from sqlora_hf import SQLoRAConfig
+
+    path, _ = tiny_model_dirs[arch]
+    logits = {}
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    for backend in ("reference", "cpu"):
+        cfg = SQLoRAConfig(backend=backend)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg)
+        n_packed = sum(isinstance(m, SQLoRALinear) for m in model.modules())
+        assert n_packed > 0
+        with torch.no_grad():
+            logits[backend] = model(ids).logits
+    assert_close_rel(logits["cpu"], logits["reference"])
