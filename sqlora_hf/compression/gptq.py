@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from ..formats.codebooks import nf_table
+from .rtn import nearest_nf
 from .sparsity import PATTERNS
 
 
@@ -67,8 +68,7 @@ def _nearest(x: torch.Tensor, bits: int, table: Optional[torch.Tensor]) -> tuple
     if bits == 8:
         q = x.round().clamp(-127, 127)
         return q.to(torch.int8).view(torch.uint8), q
-    mids = (table[1:] + table[:-1]) / 2
-    codes = torch.bucketize(x.clamp(-1, 1).contiguous(), mids)
+    codes = nearest_nf(x, bits)
     return codes.to(torch.uint8), table[codes]
 
 

@@ -6,8 +6,10 @@ import torch
 from ..formats.codebooks import nf_table
 
 
-def _midpoints(table: torch.Tensor) -> torch.Tensor:
-    return (table[1:] + table[:-1]) / 2
+def nearest_nf(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Index of the nearest NF level for values already divided by their scale (clamped to [-1, 1])."""
+    table = nf_table(bits, torch.float32, x.device)
+    return torch.bucketize(x.clamp(-1, 1).contiguous(), (table[1:] + table[:-1]) / 2)
 
 
 def quantize_groups(values: torch.Tensor, bits: int, group_len: int,
@@ -32,8 +34,7 @@ def quantize_groups(values: torch.Tensor, bits: int, group_len: int,
     if bits == 8:
         codes = x.round().clamp_(-127, 127).to(torch.int8).view(torch.uint8)
     else:
-        table = nf_table(bits, torch.float32, values.device)
-        codes = torch.bucketize(x.clamp(-1, 1), _midpoints(table)).to(torch.uint8)
+        codes = nearest_nf(x, bits).to(torch.uint8)
     return codes.view(n, kc), scales16
 
 

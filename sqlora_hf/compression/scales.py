@@ -15,14 +15,11 @@ from __future__ import annotations
 import torch
 
 from ..formats.codebooks import nf_table
+from .rtn import nearest_nf
 
 # Shrink factors tried per group. Deep clipping lowers weight MSE further but raises perplexity: the
 # largest weights of a group are the salient ones, so the search stays close to absmax.
 CLIP_GRID = (1.0, 0.97, 0.94, 0.91)
-
-
-def _midpoints(table: torch.Tensor) -> torch.Tensor:
-    return (table[1:] + table[:-1]) / 2
 
 
 def _codes_for(v: torch.Tensor, s16: torch.Tensor, bits: int) -> torch.Tensor:
@@ -32,8 +29,7 @@ def _codes_for(v: torch.Tensor, s16: torch.Tensor, bits: int) -> torch.Tensor:
     x = v / safe
     if bits == 8:
         return x.round().clamp_(-127, 127)
-    table = nf_table(bits, torch.float32, v.device)
-    return torch.bucketize(x.clamp(-1, 1), _midpoints(table))
+    return nearest_nf(x, bits)
 
 
 def _values_of(codes: torch.Tensor, bits: int) -> torch.Tensor:
