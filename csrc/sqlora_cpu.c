@@ -64,7 +64,7 @@ int sqlora_cpu_best_isa(void) {
     return ISA_SCALAR;
 }
 
-int sqlora_cpu_abi_version(void) { return 1; }
+int sqlora_cpu_abi_version(void) { return 2; }
 
 /* ---------------------------------------------------------------------------------------------- */
 /* Scalar pieces (also the reference for the SIMD ones)                                           */
@@ -227,6 +227,199 @@ T_AVX2 static float row_dot4_avx2(const uint8_t *row, const float *lut, const fl
     return hsum256(total);
 }
 
+/* Batch-1 4-bit dense, exact fp32, with byte-table lookups (vpshufb) instead of float permutes.
+ * Each table value is split into its 4 bytes; 4 vpshufb look up the 4 byte planes of 32 codes at
+ * once and two rounds of unpacks rebuild the 32-bit floats (bit-exact table values). The unpacks
+ * leave the weights of a 32-block in the order `PSHUFB_ORDER`, so x is permuted once per call into
+ * that order (`permute_x32`) and every row reuses it. Two rows per loop share the x loads and give
+ * four independent FMA chains. */
+static const uint8_t PSHUFB_ORDER[32] = {0, 1, 2,  3,  16, 17, 18, 19, 4,  5,  6,  7,  20, 21, 22, 23,
+                                         8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+
+static void permute_x32(const float *x, int64_t n, float *xp) {
+    for (int64_t b = 0; b < n; b += 32)
+        for (int p = 0; p < 32; p++) xp[b + p] = x[b + PSHUFB_ORDER[p]];
+}
+
+typedef struct { __m256i t0, t1, t2, t3, m4; } lut4_avx2_t;
+
+T_AVX2 static lut4_avx2_t lut4_avx2_init(const float *lut) {
+    uint8_t p[4][16];
+    for (int e = 0; e < 16; e++) {
+        uint32_t u; memcpy(&u, &lut[e], 4);
+        for (int q = 0; q < 4; q++) p[q][e] = (uint8_t)(u >> (8 * q));
+    }
+    lut4_avx2_t t;
+    t.t0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p[0]));
+    t.t1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p[1]));
+    t.t2 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p[2]));
+    t.t3 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p[3]));
+    t.m4 = _mm256_set1_epi8(15);
+    return t;
+}
+
+/* 16 code bytes (one 32-weight block) -> 32 table values as 4 x 8 floats in PSHUFB_ORDER. */
+#define LUT4_AVX2_BLOCK(T, src, f0, f1, f2, f3)                                                            \
+    do {                                                                                                  \
+        __m256i v_ = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(src)));                \
+        v_ = _mm256_and_si256(_mm256_blend_epi32(v_, _mm256_srli_epi16(v_, 4), 0xF0), (T).m4);            \
+        __m256i b0_ = _mm256_shuffle_epi8((T).t0, v_), b1_ = _mm256_shuffle_epi8((T).t1, v_);              \
+        __m256i b2_ = _mm256_shuffle_epi8((T).t2, v_), b3_ = _mm256_shuffle_epi8((T).t3, v_);              \
+        __m256i l01_ = _mm256_unpacklo_epi8(b0_, b1_), h01_ = _mm256_unpackhi_epi8(b0_, b1_);             \
+        __m256i l23_ = _mm256_unpacklo_epi8(b2_, b3_), h23_ = _mm256_unpackhi_epi8(b2_, b3_);             \
+        f0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01_, l23_));                                      \
+        f1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01_, l23_));                                      \
+        f2 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01_, h23_));                                      \
+        f3 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01_, h23_));                                      \
+    } while (0)
+
+/* One row: sum over groups of scale * sum(table value * x), x in PSHUFB_ORDER. */
+T_AVX2 static float row_dot4_pshufb_avx2(const uint8_t *row, const float *scales, int group, int64_t K,
+                                         const float *xp, const lut4_avx2_t *T) {
+    __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
+    for (int64_t g0 = 0; g0 < K; g0 += group) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (int64_t k = g0; k < g0 + group; k += 32) {
+            __m256 f0, f1, f2, f3;
+            LUT4_AVX2_BLOCK(*T, row + k / 2, f0, f1, f2, f3);
+            a0 = _mm256_fmadd_ps(f0, _mm256_loadu_ps(xp + k), a0);
+            a1 = _mm256_fmadd_ps(f1, _mm256_loadu_ps(xp + k + 8), a1);
+            a2 = _mm256_fmadd_ps(f2, _mm256_loadu_ps(xp + k + 16), a2);
+            a3 = _mm256_fmadd_ps(f3, _mm256_loadu_ps(xp + k + 24), a3);
+        }
+        const __m256 s = _mm256_set1_ps(scales[g0 / group]);
+        tot0 = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), s, tot0);
+        tot1 = _mm256_fmadd_ps(_mm256_add_ps(a2, a3), s, tot1);
+    }
+    return hsum256(_mm256_add_ps(tot0, tot1));
+}
+
+/* Two rows at once (rows r and r + rb bytes apart, scales sg floats apart). */
+T_AVX2 static void rows2_dot4_pshufb_avx2(const uint8_t *row, int64_t rb, const float *scales, int64_t sg,
+                                          int group, int64_t K, const float *xp, const lut4_avx2_t *T,
+                                          float *out) {
+    __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
+    const uint8_t *row1 = row + rb;
+    for (int64_t g0 = 0; g0 < K; g0 += group) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+        for (int64_t k = g0; k < g0 + group; k += 32) {
+            __m256 f0, f1, f2, f3, e0, e1, e2, e3;
+            LUT4_AVX2_BLOCK(*T, row + k / 2, f0, f1, f2, f3);
+            LUT4_AVX2_BLOCK(*T, row1 + k / 2, e0, e1, e2, e3);
+            const __m256 x0 = _mm256_loadu_ps(xp + k), x1 = _mm256_loadu_ps(xp + k + 8);
+            const __m256 x2 = _mm256_loadu_ps(xp + k + 16), x3 = _mm256_loadu_ps(xp + k + 24);
+            a0 = _mm256_fmadd_ps(f0, x0, a0);
+            c0 = _mm256_fmadd_ps(e0, x0, c0);
+            a1 = _mm256_fmadd_ps(f1, x1, a1);
+            c1 = _mm256_fmadd_ps(e1, x1, c1);
+            a0 = _mm256_fmadd_ps(f2, x2, a0);
+            c0 = _mm256_fmadd_ps(e2, x2, c0);
+            a1 = _mm256_fmadd_ps(f3, x3, a1);
+            c1 = _mm256_fmadd_ps(e3, x3, c1);
+        }
+        const int64_t gi = g0 / group;
+        tot0 = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(scales[gi]), tot0);
+        tot1 = _mm256_fmadd_ps(_mm256_add_ps(c0, c1), _mm256_set1_ps(scales[sg + gi]), tot1);
+    }
+    out[0] = hsum256(tot0);
+    out[1] = hsum256(tot1);
+}
+
+/* Same lookup, two blocks (64 weights) per step from one 32-byte load: lane 0 holds block A's 16
+ * bytes, lane 1 block B's, so one shift and two ANDs give all 64 codes. Order per 64 weights:
+ * PSHUFB_ORDER64. The scale vector carries block A's scale in lanes 0-3 and B's in 4-7, so groups
+ * of 32 work too. */
+static const uint8_t PSHUFB_ORDER64[64] = {
+    0,  1,  2,  3,  32, 33, 34, 35, 4,  5,  6,  7,  36, 37, 38, 39, 8,  9,  10, 11, 40, 41, 42, 43,
+    12, 13, 14, 15, 44, 45, 46, 47, 16, 17, 18, 19, 48, 49, 50, 51, 20, 21, 22, 23, 52, 53, 54, 55,
+    24, 25, 26, 27, 56, 57, 58, 59, 28, 29, 30, 31, 60, 61, 62, 63};
+
+static void permute_x64(const float *x, int64_t n, float *xp) {
+    int64_t b = 0;
+    for (; b + 64 <= n; b += 64)
+        for (int p = 0; p < 64; p++) xp[b + p] = x[b + PSHUFB_ORDER64[p]];
+    for (; b < n; b += 32)
+        for (int p = 0; p < 32; p++) xp[b + p] = x[b + PSHUFB_ORDER[p]];
+}
+
+#define LUT4_AVX2_16(T, v, f0, f1, f2, f3)                                                                 \
+    do {                                                                                                  \
+        __m256i b0_ = _mm256_shuffle_epi8((T).t0, v), b1_ = _mm256_shuffle_epi8((T).t1, v);                \
+        __m256i b2_ = _mm256_shuffle_epi8((T).t2, v), b3_ = _mm256_shuffle_epi8((T).t3, v);                \
+        __m256i l01_ = _mm256_unpacklo_epi8(b0_, b1_), h01_ = _mm256_unpackhi_epi8(b0_, b1_);             \
+        __m256i l23_ = _mm256_unpacklo_epi8(b2_, b3_), h23_ = _mm256_unpackhi_epi8(b2_, b3_);             \
+        f0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01_, l23_));                                      \
+        f1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01_, l23_));                                      \
+        f2 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01_, h23_));                                      \
+        f3 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01_, h23_));                                      \
+    } while (0)
+
+T_AVX2 static float row_dot4_pshufb64_avx2(const uint8_t *row, const float *scales, int group, int64_t K,
+                                           const float *xp, const lut4_avx2_t *T) {
+    __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(row + k / 2));
+        const __m256i lo = _mm256_and_si256(v, T->m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), T->m4);
+        __m256 f0, f1, f2, f3, e0, e1, e2, e3;
+        LUT4_AVX2_16(*T, lo, f0, f1, f2, f3);
+        LUT4_AVX2_16(*T, hi, e0, e1, e2, e3);
+        __m256 a0 = _mm256_mul_ps(f0, _mm256_loadu_ps(xp + k));
+        __m256 a1 = _mm256_mul_ps(f1, _mm256_loadu_ps(xp + k + 8));
+        a0 = _mm256_fmadd_ps(f2, _mm256_loadu_ps(xp + k + 16), a0);
+        a1 = _mm256_fmadd_ps(f3, _mm256_loadu_ps(xp + k + 24), a1);
+        a0 = _mm256_fmadd_ps(e0, _mm256_loadu_ps(xp + k + 32), a0);
+        a1 = _mm256_fmadd_ps(e1, _mm256_loadu_ps(xp + k + 40), a1);
+        a0 = _mm256_fmadd_ps(e2, _mm256_loadu_ps(xp + k + 48), a0);
+        a1 = _mm256_fmadd_ps(e3, _mm256_loadu_ps(xp + k + 56), a1);
+        const __m256 s = _mm256_set_m128(_mm_set1_ps(scales[(k + 32) / group]), _mm_set1_ps(scales[k / group]));
+        tot0 = _mm256_fmadd_ps(a0, s, tot0);
+        tot1 = _mm256_fmadd_ps(a1, s, tot1);
+    }
+    for (; k < K; k += 32) {
+        __m256 f0, f1, f2, f3;
+        LUT4_AVX2_BLOCK(*T, row + k / 2, f0, f1, f2, f3);
+        __m256 a0 = _mm256_mul_ps(f0, _mm256_loadu_ps(xp + k));
+        __m256 a1 = _mm256_mul_ps(f1, _mm256_loadu_ps(xp + k + 8));
+        a0 = _mm256_fmadd_ps(f2, _mm256_loadu_ps(xp + k + 16), a0);
+        a1 = _mm256_fmadd_ps(f3, _mm256_loadu_ps(xp + k + 24), a1);
+        const __m256 s = _mm256_set1_ps(scales[k / group]);
+        tot0 = _mm256_fmadd_ps(a0, s, tot0);
+        tot1 = _mm256_fmadd_ps(a1, s, tot1);
+    }
+    return hsum256(_mm256_add_ps(tot0, tot1));
+}
+
+/* Sparse (2:4 / 4:8: every mask byte keeps exactly 4 columns) batch 1: no decoded weights, no
+ * scatter. Stored block t (32 kept weights, dense columns 64t..64t+63, mask bytes 8t..8t+7) is looked
+ * up like a dense block; the x values it multiplies are compressed from x on the fly: vector r of the
+ * lookup (stored 4r..4r+3 and 16+4r..16+4r+3) takes the kept columns of mask bytes r and r+4, one
+ * vpermps each (KEPT4[m]: positions of m's set bits, repeated in both halves) and a blend. */
+static int32_t KEPT4[256][8];
+
+T_AVX2 static float row_dot4_sparse_avx2(const uint8_t *row, const uint8_t *mrow, const float *scales, int per_group,
+                                         int64_t n_stored, const float *x, const lut4_avx2_t *T) {
+    __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n_stored / 32; t++) {
+        __m256 f0, f1, f2, f3;
+        LUT4_AVX2_BLOCK(*T, row + 16 * t, f0, f1, f2, f3);
+        const uint8_t *m = mrow + 8 * t;
+        const float *xb = x + 64 * t;
+#define SQ_XK(r) _mm256_blend_ps(                                                                         \
+        _mm256_permutevar8x32_ps(_mm256_loadu_ps(xb + 8 * (r)), _mm256_loadu_si256((const __m256i *)KEPT4[m[r]])),  \
+        _mm256_permutevar8x32_ps(_mm256_loadu_ps(xb + 8 * (r) + 32), _mm256_loadu_si256((const __m256i *)KEPT4[m[(r) + 4]])), 0xF0)
+        __m256 a0 = _mm256_mul_ps(f0, SQ_XK(0));
+        __m256 a1 = _mm256_mul_ps(f1, SQ_XK(1));
+        a0 = _mm256_fmadd_ps(f2, SQ_XK(2), a0);
+        a1 = _mm256_fmadd_ps(f3, SQ_XK(3), a1);
+#undef SQ_XK
+        const __m256 s = _mm256_set1_ps(scales[(32 * t) / per_group]);
+        tot0 = _mm256_fmadd_ps(a0, s, tot0);
+        tot1 = _mm256_fmadd_ps(a1, s, tot1);
+    }
+    return hsum256(_mm256_add_ps(tot0, tot1));
+}
+
 T_AVX512 static float row_dot4_avx512(const uint8_t *row, const float *lut, const float *scales, int group,
                                       int64_t K, const float *x) {
     const __m512 table = _mm512_loadu_ps(lut);
@@ -344,6 +537,9 @@ static void init_tables(void) {
         for (int i = 0; i < 8; i++) if (m >> i & 1) kept_pos[m][c++] = (uint8_t)i;
         for (int i = c; i < 8; i++) kept_pos[m][i] = 0;
         kept_cnt[m] = (uint8_t)c;
+#ifdef SQ_X86
+        for (int i = 0; i < 4; i++) KEPT4[m][i] = KEPT4[m][i + 4] = kept_pos[m][i];
+#endif
     }
     __atomic_store_n(&done, 1, __ATOMIC_RELEASE);
 }
@@ -379,6 +575,61 @@ T_AVX2 static int64_t scatter_sparse_avx2(const float *stored, const uint8_t *ma
 #endif
 
 static int64_t row_bytes(int64_t n_stored, int bits) { return bits == 8 ? n_stored : n_stored / 32 * (4 * bits); }
+
+/* 1 if every byte of the row's mask keeps exactly 4 columns (2:4 and 4:8 both do), SWAR popcount. */
+static int mask_row_keeps4(const uint8_t *m, int64_t nbytes) {
+    int64_t j = 0;
+    for (; j + 8 <= nbytes; j += 8) {
+        uint64_t w;
+        memcpy(&w, m + j, 8);
+        w = w - ((w >> 1) & 0x5555555555555555ULL);
+        w = (w & 0x3333333333333333ULL) + ((w >> 2) & 0x3333333333333333ULL);
+        w = (w + (w >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
+        if (w != 0x0404040404040404ULL) return 0;
+    }
+    for (; j < nbytes; j++)
+        if (__builtin_popcount(m[j]) != 4) return 0;
+    return 1;
+}
+
+#ifdef SQ_X86
+/* Batch 1, 4-bit codes, AVX2 (also used by the AVX-512 path for sparse rows): the fused
+ * lookup-and-dot kernels above; x is permuted once (dense) and shared by every row and thread. */
+T_AVX2 static int gemv4_avx2(int n_threads, const float *x, int64_t N, int64_t K, int group, int sparsity,
+                             const uint8_t *codes, const float *scales, const uint8_t *mask, const float *lut,
+                             const float *t, const float *L, int64_t rank, const float *bias, float *y) {
+    const lut4_avx2_t T = lut4_avx2_init(lut);
+    const int64_t spr = K / group;
+    int bad_mask = 0;
+    float *xp = NULL;
+    if (!sparsity) {
+        xp = (float *)malloc(sizeof(float) * (size_t)K);
+        if (!xp) return SQ_ENOMEM;
+        permute_x64(x, K, xp);
+    }
+    const int64_t rb = sparsity ? K / 4 : K / 2;
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int64_t n = 0; n < N; n++) {
+        float acc;
+        if (sparsity) {
+            const uint8_t *mrow = mask + n * (K / 8);
+            if (!mask_row_keeps4(mrow, K / 8)) {
+                #pragma omp atomic write
+                bad_mask = 1;
+                continue;
+            }
+            acc = row_dot4_sparse_avx2(codes + n * rb, mrow, scales + n * spr, group / 2, K / 2, x, &T);
+        } else {
+            acc = row_dot4_pshufb64_avx2(codes + n * rb, scales + n * spr, group, K, xp, &T);
+        }
+        if (bias) acc += bias[n];
+        if (rank > 0) acc += dot_avx2(t, L + n * rank, rank);
+        y[n] = acc;
+    }
+    free(xp);
+    return bad_mask ? SQ_EBADLEN : SQ_OK;
+}
+#endif
 
 /*
  * x [M, K] fp32, y [M, N] fp32 (written). codes [N, row_bytes] u8, scales [N, K/g] fp32,
@@ -417,6 +668,15 @@ int sqlora_cpu_linear(int isa, int n_threads, const float *x, int64_t M, int64_t
         for (int64_t m = 0; m < M; m++)
             for (int64_t i = 0; i < rank; i++) t[m * rank + i] = dot(x + m * K, R + i * K, K);
     }
+    /* Small layers: an OpenMP fork/join costs more than it saves (SmolLM2's 576-wide layers). */
+    if (M * N * K < ((int64_t)1 << 19)) n_threads = 1;
+#ifdef SQ_X86
+    if (M == 1 && bits == 4 && (isa == ISA_AVX2 || (isa == ISA_AVX512 && sparsity))) {
+        int rc = gemv4_avx2(n_threads, x, N, K, group, sparsity, codes, scales, mask, lut, t, L, rank, bias, y);
+        free(t);
+        return rc;
+    }
+#endif
     /* one decode buffer per thread, allocated up front so no thread can fail inside the region */
     const size_t per_thread = (size_t)(K + n_stored + 16); /* +16: vector loads past a row's end */
     int bad_mask = 0;
@@ -470,4 +730,20 @@ int sqlora_cpu_linear(int isa, int n_threads, const float *x, int64_t M, int64_t
     free(buf);
     free(t);
     return bad_mask ? SQ_EBADLEN : SQ_OK;
+}
+
+
+/* The same call with the layer's constant arguments in one int64 array, built once per layer by the
+ * Python side (sqlora_hf/kernels/cpu/ops.py `describe`), so a call marshals 6 arguments, not 25:
+ * d = [N, K, bits, group, sparsity, codes, codes_len, scales, scales_len, mask, mask_len, lut,
+ *      lut_len, L, R, rank, L_len, R_len, bias, bias_len] (pointers as integers, 0 = NULL).
+ * Every length is still checked by sqlora_cpu_linear. */
+int sqlora_cpu_linear_desc(const int64_t *d, int isa, int n_threads, const float *x, int64_t M, float *y) {
+    if (d == NULL || x == NULL || y == NULL) return SQ_EBADARG;
+#define SQ_P(T, i) ((T)(intptr_t)d[i])
+    return sqlora_cpu_linear(isa, n_threads, x, M, d[0], d[1], (int)d[2], (int)d[3], (int)d[4],
+                             SQ_P(const uint8_t *, 5), d[6], SQ_P(const float *, 7), d[8], SQ_P(const uint8_t *, 9), d[10],
+                             SQ_P(const float *, 11), d[12], SQ_P(const float *, 13), SQ_P(const float *, 14), d[15],
+                             d[16], d[17], SQ_P(const float *, 18), d[19], y);
+#undef SQ_P
 }

@@ -78,6 +78,12 @@ int main(void) {
                         failures += !check_case(isa, bits_list[b], g, sp, batches[bi], 37, 2 * g + (g == 32 ? 64 : 0), rank, bi != 2);
                     }
                 }
+        /* layers large enough that the driver really uses 2 threads (small ones run on one) */
+        for (int sp = 0; sp <= 2; sp++)
+            for (int64_t m = 1; m <= 3; m += 2) {
+                checks++;
+                failures += !check_case(isa, 4, 64, sp, m, 301, 2048, m == 1 ? 3 : 0, 1);
+            }
         printf("isa %d: checked\n", isa);
     }
     printf("%d checks, %d failures, %d SIMD paths\n", checks, failures, simd_paths);

@@ -20,7 +20,7 @@ from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 SOURCE_CANDIDATES = [HERE.parents[2] / "csrc" / "sqlora_cpu.c"]
-ABI_VERSION = 1
+ABI_VERSION = 2
 ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3, "dotprod": 4}
 ISA_NAMES = {v: k for k, v in ISA_CODES.items()}
 COMPILE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp"]
@@ -93,6 +93,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         vp, vp, i64, i64, i64,  # L, R, rank, L_len, R_len
         vp, i64, vp,  # bias, len, y
     ]
+    lib.sqlora_cpu_linear_desc.restype = i32
+    lib.sqlora_cpu_linear_desc.argtypes = [vp, i32, i32, vp, i64, vp]  # desc, isa, threads, x, M, y
 
 
 def load() -> Optional[ctypes.CDLL]:
@@ -129,14 +131,21 @@ def supported_isas() -> list[str]:
     return [] if lib is None else [n for n, c in ISA_CODES.items() if lib.sqlora_cpu_isa_supported(c)]
 
 
+_best: Optional[str] = None
+
+
 def selected_isa() -> str:
     """The path the next call runs: `SQLORA_CPU_ISA` if set (must be supported), else the best one."""
+    global _best
+    forced = os.environ.get("SQLORA_CPU_ISA", "").strip().lower()
+    if (not forced or forced == "auto") and _best is not None:
+        return _best  # the per-call fast path: the CPU does not change
     lib = load()
     if lib is None:
         raise RuntimeError(f"sqlora CPU kernels are not available: {load_error()}")
-    forced = os.environ.get("SQLORA_CPU_ISA", "").strip().lower()
     if not forced or forced == "auto":
-        return ISA_NAMES[lib.sqlora_cpu_best_isa()]
+        _best = ISA_NAMES[lib.sqlora_cpu_best_isa()]
+        return _best
     if forced not in ISA_CODES:
         raise ValueError(f"SQLORA_CPU_ISA must be one of {['auto', *ISA_CODES]}, got {forced!r}")
     if not lib.sqlora_cpu_isa_supported(ISA_CODES[forced]):
