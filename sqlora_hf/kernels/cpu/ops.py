@@ -6,6 +6,7 @@ pointers to C (which re-checks them): a short or corrupt buffer raises, it is ne
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from typing import Optional
 
@@ -47,53 +48,90 @@ def _check(name: str, t: Optional[torch.Tensor], dtype: torch.dtype, numel: int)
         raise ValueError(f"sqlora_cpu.linear: {name} has {t.numel()} elements, the layer's shape needs {numel}")
 
 
-def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
-    return None if t is None else t.data_ptr()
+class Described:
+    """A layer's validated constant arguments packed for `sqlora_cpu_linear_desc` (built once).
+
+    Holds references to every tensor whose address is in `desc`, so the pointers stay valid as long
+    as this object lives (it is kept in the module's kernel cache).
+    """
+
+    __slots__ = ("desc", "addr", "tensors", "n", "k")
+
+    def __init__(self, desc, tensors, n: int, k: int) -> None:
+        self.desc, self.tensors, self.n, self.k = desc, tensors, n, k
+        self.addr = ctypes.addressof(desc)
 
 
-@torch.library.impl(_LIB, "linear", "CPU")
-def _linear_cpu(x, codes, scales, mask, lut, lowrank_l, lowrank_r, bias, out_features, bits, group_size, sparsity):
-    lib = library.load()
-    if lib is None:
-        raise RuntimeError(f"sqlora CPU kernels are not available: {library.load_error()}")
+def describe(codes, scales, mask, lut, lowrank_l, lowrank_r, bias, out_features: int, in_features: int,
+             bits: int, group_size: int, sparsity: int) -> Described:
+    """Validate every buffer of a layer against its shape (dtype, device, contiguity, element count)."""
     if bits not in (2, 3, 4, 8) or sparsity not in (0, 1, 2):
         raise ValueError(f"sqlora_cpu.linear: bits must be 2/3/4/8 and sparsity 0/1/2, got {bits}, {sparsity}")
-    if x.dim() != 2:
-        raise ValueError(f"sqlora_cpu.linear: x must be 2-D [M, K], got {tuple(x.shape)}")
-    x = x.contiguous()
-    m, k = x.shape
-    n = out_features
+    n, k = out_features, in_features
     if group_size <= 0 or group_size % 32 or k % group_size or (sparsity and group_size % 64):
         raise ValueError(f"sqlora_cpu.linear: group_size {group_size} does not fit in_features {k}")
     n_stored = k // 2 if sparsity else k
-    _check("x", x, torch.float32, m * k)
     _check("codes", codes, torch.uint8, n * _row_bytes(n_stored, bits))
     _check("scales", scales, torch.float32, n * (k // group_size))
     if sparsity:
         _check("mask", mask, torch.uint8, n * (k // 8))
+    else:
+        mask = None
     if bits != 8:
         _check("lut", lut, torch.float32, 1 << bits)
     rank = 0 if lowrank_l is None else lowrank_l.numel() // n
     if rank:
         _check("lowrank_l", lowrank_l, torch.float32, n * rank)
         _check("lowrank_r", lowrank_r, torch.float32, rank * k)
+    else:
+        lowrank_l = lowrank_r = None
     if bias is not None:
         _check("bias", bias, torch.float32, n)
-    y = torch.empty(m, n, dtype=torch.float32)
+
+    def ptr(t):
+        return 0 if t is None else t.data_ptr()
+
+    def numel(t):
+        return 0 if t is None else t.numel()
+
+    desc = (ctypes.c_int64 * 20)(
+        n, k, bits, group_size, sparsity, ptr(codes), numel(codes), ptr(scales), numel(scales),
+        ptr(mask), numel(mask), ptr(lut), numel(lut), ptr(lowrank_l), ptr(lowrank_r), rank,
+        numel(lowrank_l), numel(lowrank_r), ptr(bias), numel(bias),
+    )
+    return Described(desc, (codes, scales, mask, lut, lowrank_l, lowrank_r, bias), n, k)
+
+
+def run(d: Described, x: torch.Tensor) -> torch.Tensor:
+    """`x [M, K]` fp32 contiguous CPU → `[M, N]` through a described layer (no per-buffer checks)."""
+    lib = library.load()
+    if lib is None:
+        raise RuntimeError(f"sqlora CPU kernels are not available: {library.load_error()}")
+    if x.dim() != 2 or x.shape[1] != d.k:
+        raise ValueError(f"sqlora_cpu.linear: x must be 2-D [M, {d.k}], got {tuple(x.shape)}")
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        raise ValueError(f"sqlora_cpu.linear: x must be a contiguous CPU float32 tensor, got {x.dtype} on {x.device}")
+    m = x.shape[0]
+    y = torch.empty(m, d.n, dtype=torch.float32)
     if m == 0:
         return y
-    isa = library.ISA_CODES[library.selected_isa()]
-    rc = lib.sqlora_cpu_linear(
-        isa, num_threads(), x.data_ptr(), m, n, k, bits, group_size, sparsity,
-        codes.data_ptr(), codes.numel(), scales.data_ptr(), scales.numel(),
-        _ptr(mask), 0 if mask is None else mask.numel(), lut.data_ptr(), lut.numel(),
-        _ptr(lowrank_l), _ptr(lowrank_r), rank, 0 if lowrank_l is None else lowrank_l.numel(),
-        0 if lowrank_r is None else lowrank_r.numel(),
-        _ptr(bias), 0 if bias is None else bias.numel(), y.data_ptr(),
-    )
+    rc = lib.sqlora_cpu_linear_desc(d.addr, library.ISA_CODES[library.selected_isa()], num_threads(),
+                                    x.data_ptr(), m, y.data_ptr())
     if rc != 0:
         raise RuntimeError(f"sqlora_cpu.linear failed: {ERRORS.get(rc, rc)} (code {rc})")
     return y
+
+
+@torch.library.impl(_LIB, "linear", "CPU")
+def _linear_cpu(x, codes, scales, mask, lut, lowrank_l, lowrank_r, bias, out_features, bits, group_size, sparsity):
+    if library.load() is None:
+        raise RuntimeError(f"sqlora CPU kernels are not available: {library.load_error()}")
+    if x.dim() != 2:
+        raise ValueError(f"sqlora_cpu.linear: x must be 2-D [M, K], got {tuple(x.shape)}")
+    d = describe(codes, scales, mask, lut, lowrank_l, lowrank_r, bias, out_features, x.shape[1], bits, group_size,
+                 sparsity)
+    _check("x", x.contiguous(), torch.float32, x.numel())
+    return run(d, x.contiguous())
 
 
 @torch.library.register_fake("sqlora_cpu::linear", lib=_LIB)
