@@ -147,6 +147,11 @@ class SQLoRALinear(nn.Module):
 
     # ---- compute -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self._kernel_cache.get("forward")  # a backend's shortcut for plain inference calls
+        if fast is not None:
+            y = fast(self, x)
+            if y is not None:
+                return y
         if not self.is_packed:
             raise RuntimeError("SQLoRALinear has no packed weights (it was never loaded or compressed)")
         in_dtype = x.dtype

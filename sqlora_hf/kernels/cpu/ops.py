@@ -122,6 +122,20 @@ def run(d: Described, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def run_flat(d: Described, x: torch.Tensor) -> torch.Tensor:
+    """`run` for a contiguous fp32 CPU `x [..., K]` (checked by the caller) → `[..., N]`, no reshapes."""
+    lib = library.load()
+    y = torch.empty((*x.shape[:-1], d.n), dtype=torch.float32)
+    m = x.numel() // d.k
+    if m == 0:
+        return y
+    rc = lib.sqlora_cpu_linear_desc(d.addr, library.ISA_CODES[library.selected_isa()], num_threads(),
+                                    x.data_ptr(), m, y.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"sqlora_cpu.linear failed: {ERRORS.get(rc, rc)} (code {rc})")
+    return y
+
+
 @torch.library.impl(_LIB, "linear", "CPU")
 def _linear_cpu(x, codes, scales, mask, lut, lowrank_l, lowrank_r, bias, out_features, bits, group_size, sparsity):
     if library.load() is None:
