@@ -36,6 +36,8 @@
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_NEON = 3, ISA_DOTPROD = 4 };
 enum { SQ_OK = 0, SQ_EBADARG = -1, SQ_EBADLEN = -2, SQ_EISA = -3, SQ_ENOMEM = -4 };
+/* flags of sqlora_cpu_linear_desc: SQ_FLAG_INT_ACT = the opt-in, inexact integer-activation path */
+enum { SQ_FLAG_INT_ACT = 1 };
 
 /* ---------------------------------------------------------------------------------------------- */
 /* ISA detection                                                                                  */
@@ -414,6 +416,109 @@ T_AVX2 static float row_dot4_sparse_pq_avx2(const uint8_t *row, const uint8_t *m
     return hsum256(_mm256_add_ps(tot0, tot1));
 }
 
+/* Opt-in integer-activation batch-1 path (SQ_FLAG_INT_ACT; Python: SQLORA_CPU_INT_ACT=1), 4-bit dense.
+ * NOT exact: x is quantized per 64 columns to integers in [-2047, 2047] (12 bits, symmetric, absmax),
+ * the 16 table values to int16 with 14 fraction bits (|error| <= 2^-15), and products are summed
+ * exactly in int32 (|w| <= 2^14, |x| <= 2^11: 8 products per lane and chunk stay below 2^28), then
+ * converted once per 64 columns and scaled by (weight scale x activation scale). The lookup is 2 vpshufb
+ * + 2 unpacks per 32 codes (the exact path needs 4 + 8); vpmaddwd does the multiplies.
+ * Lane order per 64-chunk (blocks A, B of 32): vector v covers columns [8v..8v+7 | 32+8v..32+8v+7]. */
+#define SQ_XQ_MAX 2047.0f
+#define SQ_WQ_ONE 16384.0f
+
+static void quantize_x_int(const float *x, int64_t K, int16_t *xq, float *xs) {
+    for (int64_t c = 0; c < K / 64; c++) {
+        const float *xc = x + 64 * c;
+        float amax = 0.0f;
+        for (int i = 0; i < 64; i++) { float a = xc[i] < 0 ? -xc[i] : xc[i]; if (a > amax) amax = a; }
+        const float s = amax / SQ_XQ_MAX, inv = amax > 0 ? SQ_XQ_MAX / amax : 0.0f;
+        xs[c] = s;
+        for (int v = 0; v < 4; v++)
+            for (int i = 0; i < 16; i++) {
+                const int col = i < 8 ? 8 * v + i : 32 + 8 * v + (i - 8);
+                float q = xc[col] * inv;
+                q = q > SQ_XQ_MAX ? SQ_XQ_MAX : q < -SQ_XQ_MAX ? -SQ_XQ_MAX : q;
+                xq[64 * c + 16 * v + i] = (int16_t)(q < 0 ? q - 0.5f : q + 0.5f);
+            }
+    }
+}
+
+typedef struct { __m256i tl, th, m4; } lut4i_avx2_t;
+
+T_AVX2 static lut4i_avx2_t lut4i_avx2_init(const float *lut) {
+    uint8_t lo[16], hi[16];
+    for (int e = 0; e < 16; e++) {
+        float q = lut[e] * SQ_WQ_ONE;
+        q = q > 32767.0f ? 32767.0f : q < -32767.0f ? -32767.0f : q;
+        const int16_t w = (int16_t)(q < 0 ? q - 0.5f : q + 0.5f);
+        lo[e] = (uint8_t)((uint16_t)w & 0xFF);
+        hi[e] = (uint8_t)((uint16_t)w >> 8);
+    }
+    lut4i_avx2_t t;
+    t.tl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lo));
+    t.th = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)hi));
+    t.m4 = _mm256_set1_epi8(15);
+    return t;
+}
+
+/* sum over one 64-chunk of int16 weight level x int16 activation, as 8 int32 lanes (A: 0-3, B: 4-7) */
+T_AVX2 static inline __m256i chunk_dot_int_avx2(const uint8_t *src, const int16_t *xq, const lut4i_avx2_t *T) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)src);
+    const __m256i lo = _mm256_and_si256(v, T->m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), T->m4);
+    const __m256i l0 = _mm256_shuffle_epi8(T->tl, lo), h0 = _mm256_shuffle_epi8(T->th, lo);
+    const __m256i l1 = _mm256_shuffle_epi8(T->tl, hi), h1 = _mm256_shuffle_epi8(T->th, hi);
+    const __m256i *xv = (const __m256i *)xq;
+    __m256i a = _mm256_madd_epi16(_mm256_unpacklo_epi8(l0, h0), _mm256_loadu_si256(xv));
+    __m256i b = _mm256_madd_epi16(_mm256_unpackhi_epi8(l0, h0), _mm256_loadu_si256(xv + 1));
+    a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_unpacklo_epi8(l1, h1), _mm256_loadu_si256(xv + 2)));
+    b = _mm256_add_epi32(b, _mm256_madd_epi16(_mm256_unpackhi_epi8(l1, h1), _mm256_loadu_si256(xv + 3)));
+    return _mm256_add_epi32(a, b);
+}
+
+T_AVX2 static float row_dot4_int_avx2(const uint8_t *row, const float *scales, int group, int64_t K,
+                                      const int16_t *xq, const float *xs, const lut4i_avx2_t *T) {
+    __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
+    if (group == 32) {
+        for (int64_t c = 0; c < K / 64; c++) {
+            const __m256 f = _mm256_cvtepi32_ps(chunk_dot_int_avx2(row + 32 * c, xq + 64 * c, T));
+            const __m256 s = _mm256_set_m128(_mm_set1_ps(scales[2 * c + 1] * xs[c]), _mm_set1_ps(scales[2 * c] * xs[c]));
+            if (c & 1) tot1 = _mm256_fmadd_ps(f, s, tot1); else tot0 = _mm256_fmadd_ps(f, s, tot0);
+        }
+    } else {
+        const int64_t cpg = group / 64;
+        int64_t c = 0;
+        for (int64_t g = 0; g < K / group; g++) {
+            const float sw = scales[g];
+            for (int64_t e = c + cpg; c < e; c++) {
+                const __m256 f = _mm256_cvtepi32_ps(chunk_dot_int_avx2(row + 32 * c, xq + 64 * c, T));
+                if (c & 1) tot1 = _mm256_fmadd_ps(f, _mm256_set1_ps(sw * xs[c]), tot1);
+                else tot0 = _mm256_fmadd_ps(f, _mm256_set1_ps(sw * xs[c]), tot0);
+            }
+        }
+    }
+    return hsum256(_mm256_add_ps(tot0, tot1)) * (1.0f / SQ_WQ_ONE);
+}
+
+T_AVX2 static int gemv4_int_avx2(int n_threads, const float *x, int64_t N, int64_t K, int group,
+                                 const uint8_t *codes, const float *scales, const float *lut,
+                                 const float *t, const float *L, int64_t rank, const float *bias, float *y) {
+    const lut4i_avx2_t T = lut4i_avx2_init(lut);
+    int16_t *xq = (int16_t *)malloc(sizeof(int16_t) * (size_t)K + sizeof(float) * (size_t)(K / 64 + 1));
+    if (!xq) return SQ_ENOMEM;
+    float *xs = (float *)(void *)(xq + K); /* K is a multiple of 64: 4-byte aligned */
+    quantize_x_int(x, K, xq, xs);
+    const int64_t spr = K / group;
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int64_t n = 0; n < N; n++) {
+        float acc = row_dot4_int_avx2(codes + n * (K / 2), scales + n * spr, group, K, xq, xs, &T);
+        if (bias) acc += bias[n];
+        if (rank > 0) acc += dot_avx2(t, L + n * rank, rank);
+        y[n] = acc;
+    }
+    free(xq);
+    return SQ_OK;
+}
+
 T_AVX512 static float row_dot4_avx512(const uint8_t *row, const float *lut, const float *scales, int group,
                                       int64_t K, const float *x) {
     const __m512 table = _mm512_loadu_ps(lut);
@@ -653,12 +758,12 @@ T_AVX2 static int gemv4_avx2(int n_threads, const float *x, int64_t N, int64_t K
  * fp32, bias [N] fp32 or NULL. `*_len` are the element counts the caller owns; every read is
  * checked against them before any row is touched. Returns 0 or a negative SQ_E* code.
  */
-int sqlora_cpu_linear(int isa, int n_threads, const float *x, int64_t M, int64_t N, int64_t K,
-                      int bits, int group, int sparsity,
-                      const uint8_t *codes, int64_t codes_len, const float *scales, int64_t scales_len,
-                      const uint8_t *mask, int64_t mask_len, const float *lut, int64_t lut_len,
-                      const float *L, const float *R, int64_t rank, int64_t L_len, int64_t R_len,
-                      const float *bias, int64_t bias_len, float *y) {
+static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_t M, int64_t N, int64_t K,
+                       int bits, int group, int sparsity,
+                       const uint8_t *codes, int64_t codes_len, const float *scales, int64_t scales_len,
+                       const uint8_t *mask, int64_t mask_len, const float *lut, int64_t lut_len,
+                       const float *L, const float *R, int64_t rank, int64_t L_len, int64_t R_len,
+                       const float *bias, int64_t bias_len, float *y) {
     if (M <= 0 || N <= 0 || K <= 0 || rank < 0 || n_threads <= 0) return SQ_EBADARG;
     if (!(bits == 2 || bits == 3 || bits == 4 || bits == 8)) return SQ_EBADARG;
     if (group <= 0 || group % 32 || K % group || (sparsity && (group % 64))) return SQ_EBADARG;
@@ -687,6 +792,12 @@ int sqlora_cpu_linear(int isa, int n_threads, const float *x, int64_t M, int64_t
     /* Small layers: an OpenMP fork/join costs more than it saves (SmolLM2's 576-wide layers). */
     if (M * N * K < ((int64_t)1 << 19)) n_threads = 1;
 #ifdef SQ_X86
+    if ((flags & SQ_FLAG_INT_ACT) && M == 1 && bits == 4 && !sparsity && K % 64 == 0 &&
+        (isa == ISA_AVX2 || isa == ISA_AVX512)) {
+        int rc = gemv4_int_avx2(n_threads, x, N, K, group, codes, scales, lut, t, L, rank, bias, y);
+        free(t);
+        return rc;
+    }
     if (M == 1 && bits == 4 && (isa == ISA_AVX2 || (isa == ISA_AVX512 && sparsity))) {
         int rc = gemv4_avx2(n_threads, x, N, K, group, sparsity, codes, scales, mask, lut, t, L, rank, bias, y);
         free(t);
@@ -787,10 +898,20 @@ int sqlora_cpu_linear(int isa, int n_threads, const float *x, int64_t M, int64_t
  * d = [N, K, bits, group, sparsity, codes, codes_len, scales, scales_len, mask, mask_len, lut,
  *      lut_len, L, R, rank, L_len, R_len, bias, bias_len] (pointers as integers, 0 = NULL).
  * Every length is still checked by sqlora_cpu_linear. */
-int sqlora_cpu_linear_desc(const int64_t *d, int isa, int n_threads, const float *x, int64_t M, float *y) {
+int sqlora_cpu_linear(int isa, int n_threads, const float *x, int64_t M, int64_t N, int64_t K,
+                      int bits, int group, int sparsity,
+                      const uint8_t *codes, int64_t codes_len, const float *scales, int64_t scales_len,
+                      const uint8_t *mask, int64_t mask_len, const float *lut, int64_t lut_len,
+                      const float *L, const float *R, int64_t rank, int64_t L_len, int64_t R_len,
+                      const float *bias, int64_t bias_len, float *y) {
+    return linear_impl(isa, 0, n_threads, x, M, N, K, bits, group, sparsity, codes, codes_len, scales, scales_len,
+                       mask, mask_len, lut, lut_len, L, R, rank, L_len, R_len, bias, bias_len, y);
+}
+
+int sqlora_cpu_linear_desc(const int64_t *d, int isa, int flags, int n_threads, const float *x, int64_t M, float *y) {
     if (d == NULL || x == NULL || y == NULL) return SQ_EBADARG;
 #define SQ_P(T, i) ((T)(intptr_t)d[i])
-    return sqlora_cpu_linear(isa, n_threads, x, M, d[0], d[1], (int)d[2], (int)d[3], (int)d[4],
+    return linear_impl(isa, flags, n_threads, x, M, d[0], d[1], (int)d[2], (int)d[3], (int)d[4],
                              SQ_P(const uint8_t *, 5), d[6], SQ_P(const float *, 7), d[8], SQ_P(const uint8_t *, 9), d[10],
                              SQ_P(const float *, 11), d[12], SQ_P(const float *, 13), SQ_P(const float *, 14), d[15],
                              d[16], d[17], SQ_P(const float *, 18), d[19], y);

@@ -175,3 +175,24 @@ def test_tiny_model_same_logits_as_reference(tiny_model_dirs, arch):
         with torch.no_grad():
             logits[backend] = model(ids).logits
     assert_close_rel(logits["cpu"], logits["reference"])
+
+
+@pytest.mark.skipif("avx2" not in ISAS, reason="the integer-activation path is x86 AVX2/AVX-512 only")
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_integer_activation_path_is_opt_in_and_close(monkeypatch, group):
+    """SQLORA_CPU_INT_ACT=1 quantizes x (12-bit per 64 columns) on 4-bit dense batch 1: close, not exact."""
+    module = make_layer(45, 384, 4, group, None, rank=3, bias=True)
+    x = torch.randn(1, 384)
+    ref = run(module, x, "reference")
+    exact = run(module, x, "cpu")
+    assert_close_rel(exact, ref)  # default: exact path
+    monkeypatch.setenv("SQLORA_CPU_ISA", "avx2")
+    monkeypatch.setenv("SQLORA_CPU_INT_ACT", "1")
+    approx = run(module, x, "cpu")
+    rel = ((approx - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 2e-3, rel
+    x4 = torch.randn(4, 384)  # batch > 1 is not affected: still the exact path
+    assert_close_rel(run(module, x4, "cpu"), run(module, x4, "reference"))
+    monkeypatch.setenv("SQLORA_CPU_INT_ACT", "yes")
+    with pytest.raises(ValueError, match="SQLORA_CPU_INT_ACT"):
+        run(module, x, "cpu")

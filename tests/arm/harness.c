@@ -86,6 +86,37 @@ int main(void) {
             }
         printf("isa %d: checked\n", isa);
     }
+#if defined(__x86_64__)
+    /* the opt-in integer-activation path (x86 only, 4-bit dense, batch 1): close, not exact */
+    if (sqlora_cpu_isa_supported(ISA_AVX2)) {
+        static const int igroups[] = {32, 64, 128};
+        for (int gi = 0; gi < 3; gi++) {
+            const int64_t N = 67, K = 512;
+            const int g = igroups[gi];
+            uint8_t *codes = malloc(N * K / 2);
+            float *scales = malloc(sizeof(float) * N * (K / g)), lut[16], *x = malloc(sizeof(float) * K);
+            float *y0 = malloc(sizeof(float) * N), *y1 = malloc(sizeof(float) * N), *bias = malloc(sizeof(float) * N);
+            for (int64_t i = 0; i < N * K / 2; i++) codes[i] = (uint8_t)next_u32();
+            for (int64_t i = 0; i < N * (K / g); i++) scales[i] = 0.01f + 0.1f * fabsf(next_f());
+            for (int i = 0; i < 16; i++) lut[i] = next_f();
+            for (int64_t i = 0; i < K; i++) x[i] = next_f();
+            for (int64_t i = 0; i < N; i++) bias[i] = next_f();
+            int rc0 = sqlora_cpu_linear(ISA_SCALAR, 1, x, 1, N, K, 4, g, 0, codes, N * K / 2, scales, N * (K / g), NULL, 0,
+                                        lut, 16, NULL, NULL, 0, 0, 0, bias, N, y0);
+            int rc1 = linear_impl(ISA_AVX2, SQ_FLAG_INT_ACT, 1, x, 1, N, K, 4, g, 0, codes, N * K / 2, scales, N * (K / g),
+                                  NULL, 0, lut, 16, NULL, NULL, 0, 0, 0, bias, N, y1);
+            double num = 0, den = 0;
+            for (int64_t i = 0; i < N; i++) { num += (y1[i] - y0[i]) * (double)(y1[i] - y0[i]); den += (double)y0[i] * y0[i]; }
+            double rel = sqrt(num / den);
+            checks++;
+            if (rc0 || rc1 || !(rel < 2e-3) || rel == 0.0) {
+                printf("FAIL int-activation path g=%d rc=%d/%d rel=%.3g\n", g, rc0, rc1, rel);
+                failures++;
+            }
+            free(codes); free(scales); free(x); free(y0); free(y1); free(bias);
+        }
+    }
+#endif
     printf("%d checks, %d failures, %d SIMD paths\n", checks, failures, simd_paths);
     if (simd_paths == 0) { printf("FAIL: no SIMD path is supported on this CPU\n"); return 1; }
     return failures ? 1 : 0;

@@ -94,7 +94,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         vp, i64, vp,  # bias, len, y
     ]
     lib.sqlora_cpu_linear_desc.restype = i32
-    lib.sqlora_cpu_linear_desc.argtypes = [vp, i32, i32, vp, i64, vp]  # desc, isa, threads, x, M, y
+    lib.sqlora_cpu_linear_desc.argtypes = [vp, i32, i32, i32, vp, i64, vp]  # desc, isa, flags, threads, x, M, y
 
 
 def load() -> Optional[ctypes.CDLL]:

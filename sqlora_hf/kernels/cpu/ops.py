@@ -35,6 +35,16 @@ def num_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+def act_flags() -> int:
+    """`SQLORA_CPU_INT_ACT=1`: the opt-in integer-activation batch-1 path (not exact; docs/kernels_cpu.md)."""
+    env = os.environ.get("SQLORA_CPU_INT_ACT")
+    if not env or env == "0":
+        return 0
+    if env == "1":
+        return 1
+    raise ValueError(f"SQLORA_CPU_INT_ACT must be 0 or 1, got {env!r}")
+
+
 def _row_bytes(n_stored: int, bits: int) -> int:
     return n_stored if bits == 8 else n_stored // 32 * 4 * bits
 
@@ -115,7 +125,7 @@ def run(d: Described, x: torch.Tensor) -> torch.Tensor:
     y = torch.empty(m, d.n, dtype=torch.float32)
     if m == 0:
         return y
-    rc = lib.sqlora_cpu_linear_desc(d.addr, library.ISA_CODES[library.selected_isa()], num_threads(),
+    rc = lib.sqlora_cpu_linear_desc(d.addr, library.ISA_CODES[library.selected_isa()], act_flags(), num_threads(),
                                     x.data_ptr(), m, y.data_ptr())
     if rc != 0:
         raise RuntimeError(f"sqlora_cpu.linear failed: {ERRORS.get(rc, rc)} (code {rc})")
@@ -129,7 +139,7 @@ def run_flat(d: Described, x: torch.Tensor) -> torch.Tensor:
     m = x.numel() // d.k
     if m == 0:
         return y
-    rc = lib.sqlora_cpu_linear_desc(d.addr, library.ISA_CODES[library.selected_isa()], num_threads(),
+    rc = lib.sqlora_cpu_linear_desc(d.addr, library.ISA_CODES[library.selected_isa()], act_flags(), num_threads(),
                                     x.data_ptr(), m, y.data_ptr())
     if rc != 0:
         raise RuntimeError(f"sqlora_cpu.linear failed: {ERRORS.get(rc, rc)} (code {rc})")
