@@ -95,21 +95,34 @@ def bench_layers(args) -> list[dict]:
                     def call(p):
                         return op(x, p["codes"], p["scales"], p["mask"], p["lut"], None, None, None,
                                   p["n"], p["bits"], p["group"], p["sparsity"])
-                    tq = time_rotating(call, items, reps)
-                    nbytes = packed_bytes(items[0])
-                    rows.append(dict(
-                        shape=f"{n}x{k}", batch=m, threads=threads, format=f"{fmt[0]}-bit g{fmt[1]} {fmt[2] or 'dense'}",
-                        isa=library.selected_isa(), ms=tq * 1e3, gbs=nbytes / tq / 1e9,
-                        roofline_gbs=roof_gbs, roofline_frac=(nbytes / tq / 1e9) / roof_gbs,
-                        fp32_ms=t32 * 1e3, bf16_ms=t16 * 1e3, vs_fp32=t32 / tq, vs_bf16=t16 / tq,
-                    ))
-                    r = rows[-1]
-                    print(f"{r['shape']:>11} M={m:<3} t={threads} {r['format']:<18} {r['ms']:8.2f} ms "
-                          f"{r['gbs']:6.1f} GB/s ({100 * r['roofline_frac']:3.0f}% of {roof_gbs:.1f}) "
-                          f"fp32 {r['fp32_ms']:8.2f} ms x{r['vs_fp32']:.2f}  bf16 {r['bf16_ms']:8.2f} ms x{r['vs_bf16']:.2f}",
-                          flush=True)
+                    variants = [("", None)]
+                    if args.int_act and m == 1 and fmt[2] is None:
+                        variants.append((" int-act", "1"))
+                    for suffix, flag in variants:
+                        if flag:
+                            os.environ["SQLORA_CPU_INT_ACT"] = flag
+                        try:
+                            tq = time_rotating(call, items, reps)
+                        finally:
+                            os.environ.pop("SQLORA_CPU_INT_ACT", None)
+                        record(rows, n, k, m, threads, fmt, suffix, tq, items, roof_gbs, t32, t16, library)
         del w32, w16, packs, stream
     return rows
+
+
+def record(rows, n, k, m, threads, fmt, suffix, tq, items, roof_gbs, t32, t16, library) -> None:
+    nbytes = packed_bytes(items[0])
+    rows.append(dict(
+        shape=f"{n}x{k}", batch=m, threads=threads, format=f"{fmt[0]}-bit g{fmt[1]} {fmt[2] or 'dense'}{suffix}",
+        isa=library.selected_isa(), ms=tq * 1e3, gbs=nbytes / tq / 1e9,
+        roofline_gbs=roof_gbs, roofline_frac=(nbytes / tq / 1e9) / roof_gbs,
+        fp32_ms=t32 * 1e3, bf16_ms=t16 * 1e3, vs_fp32=t32 / tq, vs_bf16=t16 / tq,
+    ))
+    r = rows[-1]
+    print(f"{r['shape']:>11} M={m:<3} t={threads} {r['format']:<26} {r['ms']:8.2f} ms "
+          f"{r['gbs']:6.1f} GB/s ({100 * r['roofline_frac']:3.0f}% of {roof_gbs:.1f}) "
+          f"fp32 {r['fp32_ms']:8.2f} ms x{r['vs_fp32']:.2f}  bf16 {r['bf16_ms']:8.2f} ms x{r['vs_bf16']:.2f}",
+          flush=True)
 
 
 def bench_decode(args) -> dict:
@@ -125,20 +138,103 @@ def bench_decode(args) -> dict:
     ids = tok("The quick brown fox jumps over the lazy dog. Once upon a time", return_tensors="pt").input_ids
     torch.set_num_threads(args.decode_threads)
     os.environ["SQLORA_CPU_THREADS"] = str(args.decode_threads)
+    fp32 = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    packed = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                  quantization_config=SQLoRAConfig(backend="cpu")).eval()
+    runs = [("fp32", fp32, None), ("sqlora-cpu", packed, None)]
+    if args.int_act:
+        runs.append(("sqlora-cpu-int-act", packed, "1"))
+    gen_kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    times = {label: [] for label, _, _ in runs}
+    cpu_times = {label: [] for label, _, _ in runs}
+    # Interleaved repetitions, median per configuration: on a shared machine a neighbour's burst then
+    # hits every configuration alike instead of one whole run.
+    for rep in range(args.decode_reps):
+        for label, model, flag in runs:
+            if flag:
+                os.environ["SQLORA_CPU_INT_ACT"] = flag
+            try:
+                with torch.no_grad():
+                    if rep == 0:
+                        model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    model.generate(ids, **gen_kw)
+                    times[label].append(time.perf_counter() - t0)
+                    cpu_times[label].append(time.process_time() - c0)
+            finally:
+                os.environ.pop("SQLORA_CPU_INT_ACT", None)
     out = {}
-    for label, kwargs in (("fp32", {}), ("sqlora-cpu", {"quantization_config": SQLoRAConfig(backend="cpu")})):
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
-        gen_kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-        with torch.no_grad():
-            model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
-            t0 = time.perf_counter()
-            model.generate(ids, **gen_kw)
-            dt = time.perf_counter() - t0
-        out[label] = args.new_tokens / dt
-        print(f"decode {label:<11} {out[label]:7.1f} tokens/s ({args.new_tokens} new tokens)", flush=True)
-        del model
+    for label, _, _ in runs:
+        out[label] = args.new_tokens / statistics.median(times[label])
+        # CPU seconds of this process: with one thread, the work done, whatever a neighbour's load
+        out[label + "_per_cpu_s"] = args.new_tokens / statistics.median(cpu_times[label])
+        print(f"decode {label:<18} {out[label]:7.1f} tokens/s wall, {out[label + '_per_cpu_s']:7.1f} per CPU-second "
+              f"(median of {args.decode_reps}, {args.new_tokens} new tokens)", flush=True)
+    del fp32, packed
     out["speedup"] = out["sqlora-cpu"] / out["fp32"]
-    print(f"decode speed-up compressed / fp32: x{out['speedup']:.2f}")
+    out["speedup_cpu_s"] = out["sqlora-cpu_per_cpu_s"] / out["fp32_per_cpu_s"]
+    print(f"decode speed-up compressed / fp32: x{out['speedup']:.2f} wall, x{out['speedup_cpu_s']:.2f} CPU time")
+    if args.int_act:
+        out["speedup_int_act"] = out["sqlora-cpu-int-act"] / out["fp32"]
+        out["speedup_int_act_cpu_s"] = out["sqlora-cpu-int-act_per_cpu_s"] / out["fp32_per_cpu_s"]
+        print(f"decode speed-up compressed with integer activations / fp32: x{out['speedup_int_act']:.2f} wall, "
+              f"x{out['speedup_int_act_cpu_s']:.2f} CPU time")
+    return out
+
+
+def int_act_perplexity(args) -> dict:
+    """Perplexity cost of the opt-in integer-activation path (SQLORA_CPU_INT_ACT=1) on SmolLM2-135M.
+
+    That path only runs at batch 1, so perplexity is measured by teacher-forced token-by-token decoding
+    (KV cache, one token per call) over `--ppl-windows` windows of `--ppl-context` tokens of
+    `reference_text()`, for the same compressed model (default SQLoRAConfig, backend "cpu") with the
+    exact path and with the integer path, and for the fp32 model with the same procedure.
+    """
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sqlora_hf import SQLoRAConfig
+    from sqlora_hf.evaluation import reference_text, save_smollm2
+
+    directory = os.path.join(tempfile.gettempdir(), "sqlora_bench_smollm2")
+    save_smollm2(directory)
+    tok = AutoTokenizer.from_pretrained(directory)
+    ids = tok(reference_text(), return_tensors="pt").input_ids.reshape(-1)
+    ctx, n_win = args.ppl_context, args.ppl_windows
+
+    def stepwise_ppl(model) -> float:
+        nll, count = 0.0, 0
+        with torch.no_grad():
+            for w in range(n_win):
+                window = ids[w * ctx:(w + 1) * ctx]
+                past = None
+                for i in range(ctx - 1):
+                    out = model(window[i:i + 1].view(1, 1), past_key_values=past, use_cache=True)
+                    past = out.past_key_values
+                    nll -= torch.log_softmax(out.logits[0, -1].float(), -1)[window[i + 1]].item()
+                    count += 1
+        return math.exp(nll / count)
+
+    out = {}
+    fp32 = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    out["fp32"] = stepwise_ppl(fp32)
+    del fp32
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                 quantization_config=SQLoRAConfig(backend="cpu")).eval()
+    old = os.environ.pop("SQLORA_CPU_INT_ACT", None)
+    out["sqlora_exact"] = stepwise_ppl(model)
+    os.environ["SQLORA_CPU_INT_ACT"] = "1"
+    try:
+        out["sqlora_int_act"] = stepwise_ppl(model)
+    finally:
+        os.environ.pop("SQLORA_CPU_INT_ACT")
+        if old is not None:
+            os.environ["SQLORA_CPU_INT_ACT"] = old
+    out["tokens"] = n_win * (ctx - 1)
+    print(f"step-wise perplexity over {out['tokens']} tokens: fp32 {out['fp32']:.4f}, compressed exact "
+          f"{out['sqlora_exact']:.4f}, compressed + integer activations {out['sqlora_int_act']:.4f} "
+          f"(x{out['sqlora_int_act'] / out['sqlora_exact']:.4f} of exact)", flush=True)
     return out
 
 
@@ -152,8 +248,15 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--decode-threads", type=int, default=1,
                         help="threads for the decode benchmark (1: on a shared box, 2-thread barriers stall)")
+    parser.add_argument("--decode-reps", type=int, default=3, help="interleaved decode repetitions (median)")
     parser.add_argument("--no-layers", action="store_true", help="skip the per-layer benchmark")
     parser.add_argument("--no-e2e", action="store_true", help="skip the SmolLM2 decode benchmark")
+    parser.add_argument("--int-act", action="store_true",
+                        help="also time the opt-in integer-activation path (SQLORA_CPU_INT_ACT=1) at batch 1 and in decode")
+    parser.add_argument("--int-act-ppl", action="store_true",
+                        help="measure the perplexity cost of SQLORA_CPU_INT_ACT=1 on SmolLM2 (token by token; slow)")
+    parser.add_argument("--ppl-context", type=int, default=256)
+    parser.add_argument("--ppl-windows", type=int, default=2)
     args, rest = parser.parse_known_args(argv)
     if args.device == "cuda":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -171,6 +274,8 @@ def main(argv=None) -> int:
                "layers": [] if args.no_layers else bench_layers(args)}
     if not args.no_e2e:
         results["decode"] = bench_decode(args)
+    if args.int_act_ppl:
+        results["int_act_perplexity"] = int_act_perplexity(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
