@@ -1,13 +1,15 @@
 """Calibrated compression of SmolLM2-135M: data-free vs GPTQ vs GPTQ+EoRA vs GPTQ-intrinsic LoRA.
 
-    python3 benchmarks/calibrated.py [--quick] [--json out.json]
+    python3 benchmarks/calibrated.py [--quick] [--rows 0,3] [--samples 128] [--json out.json]
 
-Calibration text and evaluation text are disjoint slices of `reference_text()` (the Python docs
-shipped with CPython): evaluation uses the first 250k characters, calibration starts at 300k.
-Reports bits per weight (everything counted), perplexity ratio to the fp32 model, compression time
-and the peak resident memory growth of the compression step, measured side by side in one run.
-Peak growth is read from the process's high-water mark, so it is only meaningful for the first row
-of a run: use `--rows N` (one row per process) to measure it for each method.
+Evaluation text: the first 250k characters of `reference_text()` (the Python docs topics shipped
+with CPython). Calibration text: `calibration_texts()`, the standard library's docstrings, so the
+two are disjoint. Rows are compared at equal bits: each row gives a `memory_budget` (average bits
+per weight, everything counted) and the planner picks every layer's bits, group size and rank
+under it (data-free rows with weight errors, calibrated rows with activation-weighted errors).
+Reports bits per weight, perplexity ratio to the fp32 model, compression time and peak memory
+growth of the compression step. Peak growth is read from the process's high-water mark, so it is
+only meaningful for the first row of a process: run one row per process (`--rows N`) to measure it.
 """
 from __future__ import annotations
 
@@ -21,21 +23,25 @@ import torch
 
 import sqlora_hf
 from sqlora_hf import SQLoRAConfig
-from sqlora_hf.evaluation import perplexity, reference_text, save_smollm2
+from sqlora_hf.evaluation import calibration_texts, perplexity, reference_text, save_smollm2
 
+LOW_TIERS = [2, 3, 4, 8]  # budgets at or below 3 bpw need 2-bit layers to be reachable at all
 ROWS = [
-    # (label, bits, group, sparsity, rank, method or None for data-free)
-    ("data-free RTN", 4, 64, None, 0, None),
-    ("GPTQ", 4, 64, None, 0, "gptq"),
-    ("GPTQ + EoRA r16", 4, 64, None, 16, "eora"),
-    ("GPTQ-intrinsic r16", 4, 64, None, 16, "intrinsic"),
-    ("data-free RTN 3-bit", 3, 64, None, 0, None),
-    ("GPTQ 3-bit", 3, 64, None, 0, "gptq"),
-    ("GPTQ + EoRA 3-bit r16", 3, 64, None, 16, "eora"),
-    ("GPTQ-intrinsic 3-bit r16", 3, 64, None, 16, "intrinsic"),
-    ("GPTQ-intrinsic 4:8 r16", 4, 64, "4:8", 16, "intrinsic"),
-    ("GPTQ-intrinsic 2:4 r16", 4, 64, "2:4", 16, "intrinsic"),
-    ("GPTQ-intrinsic 2-bit r16", 2, 64, None, 16, "intrinsic"),
+    # label, method (None: data-free), memory budget, tiers, rank, sparsity
+    ("data-free 4.25bpw", None, "4.25bpw", [3, 4, 8], "auto", None),
+    ("GPTQ 4.25bpw", "gptq", "4.25bpw", [3, 4, 8], 0, None),
+    ("GPTQ+EoRA 4.25bpw", "eora", "4.25bpw", [3, 4, 8], "auto", None),
+    ("GPTQ-intrinsic 4.25bpw", "intrinsic", "4.25bpw", [3, 4, 8], "auto", None),
+    ("data-free 3.0bpw", None, "3.0bpw", LOW_TIERS, "auto", None),
+    ("GPTQ 3.0bpw", "gptq", "3.0bpw", LOW_TIERS, 0, None),
+    ("GPTQ+EoRA 3.0bpw", "eora", "3.0bpw", LOW_TIERS, "auto", None),
+    ("GPTQ-intrinsic 3.0bpw", "intrinsic", "3.0bpw", LOW_TIERS, "auto", None),
+    ("GPTQ-intrinsic 3.5bpw", "intrinsic", "3.5bpw", LOW_TIERS, "auto", None),
+    ("GPTQ-intrinsic 2.5bpw", "intrinsic", "2.5bpw", LOW_TIERS, "auto", None),
+    ("GPTQ-intrinsic 4-bit 4:8", "intrinsic", None, [4], "auto", "4:8"),
+    ("GPTQ-intrinsic 4-bit 2:4", "intrinsic", None, [4], "auto", "2:4"),
+    ("GPTQ 4-bit 4:8 (SparseGPT)", "gptq", None, [4], 0, "4:8"),
+    ("data-free 4-bit 4:8", None, None, [4], "auto", "4:8"),
 ]
 
 
@@ -48,7 +54,7 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="8 eval windows, 16 calibration samples of 256 tokens, 4-bit rows")
+    p.add_argument("--quick", action="store_true", help="8 eval windows, 16 calibration samples of 256 tokens, 4.25 bpw rows")
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=100, help="evaluation windows of 512 tokens (>= 50k tokens at 100)")
@@ -64,25 +70,23 @@ def main(argv=None) -> None:
 
     directory = save_smollm2(args.cache)
     tok = AutoTokenizer.from_pretrained(directory)
-    text = reference_text()
-    eval_ids = tok(text[:250_000], return_tensors="pt").input_ids[0]
-    calib_texts = [t for t in text[300_000:].split("\n\n") if len(t) > 100]
+    eval_ids = tok(reference_text()[:250_000], return_tensors="pt").input_ids[0]
+    calib_texts = calibration_texts()
     fp = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     base = perplexity(fp, eval_ids, 512, args.windows)
     del fp
     print(f"fp32 perplexity {base:.3f} over {args.windows * 512} tokens; calibration {args.samples} x {args.seq_len}")
     results = []
-    header = f"{'method':28}{'bpw':>8}{'ppl':>10}{'ratio':>8}{'time s':>9}{'peak +MB':>10}"
-    print(header)
-    for label, bits, group, sparsity, rank, method in rows:
-        cfg = SQLoRAConfig(bits=bits, group_size=group, sparsity=sparsity, rank=rank, memory_budget=None)
+    print(f"{'method':30}{'bpw':>8}{'ppl':>10}{'ratio':>8}{'time s':>9}{'peak +MB':>10}")
+    for label, method, budget, tiers, rank, sparsity in rows:
+        cfg = SQLoRAConfig(bits=4, group_size=64, sparsity=sparsity, rank=rank, memory_budget=budget, tiers=tiers)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         before = _rss_mb()
         peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
         start = time.perf_counter()
         if method is None:
-            model.save_pretrained("/tmp/_sqlora_bench_fp")
-            model = AutoModelForCausalLM.from_pretrained("/tmp/_sqlora_bench_fp", dtype=torch.float32, quantization_config=cfg)
+            del model
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, quantization_config=cfg)
         else:
             cfg.calibration_samples, cfg.calibration_seq_len, cfg.calibration_method = args.samples, args.seq_len, method
             sqlora_hf.compress(model, cfg, calib_texts, tokenizer=tok)
@@ -90,16 +94,17 @@ def main(argv=None) -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
         rep = sqlora_hf.report(model)
         ppl = perplexity(model, eval_ids, 512, args.windows)
-        row = {"method": label, "bits_per_weight": rep["bits_per_weight"], "perplexity": ppl, "ratio": ppl / base,
-               "seconds": elapsed, "peak_growth_mb": max(peak - max(before, peak_before), 0.0)}
+        row = {"method": label, "memory_budget": budget, "sparsity": sparsity, "bits_per_weight": rep["bits_per_weight"],
+               "perplexity": ppl, "ratio": ppl / base, "seconds": elapsed,
+               "peak_growth_mb": max(peak - max(before, peak_before), 0.0)}
         results.append(row)
-        print(f"{label:28}{row['bits_per_weight']:8.3f}{ppl:10.3f}{row['ratio']:8.3f}{elapsed:9.1f}{row['peak_growth_mb']:10.0f}",
+        print(f"{label:30}{row['bits_per_weight']:8.3f}{ppl:10.3f}{row['ratio']:8.3f}{elapsed:9.1f}{row['peak_growth_mb']:10.0f}",
               flush=True)
         del model
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"fp32_perplexity": base, "windows": args.windows, "samples": args.samples,
-                       "seq_len": args.seq_len, "rows": results}, f, indent=2)
+            json.dump({"date": time.strftime("%Y-%m-%d"), "fp32_perplexity": base, "windows": args.windows,
+                       "samples": args.samples, "seq_len": args.seq_len, "rows": results}, f, indent=2)
 
 
 if __name__ == "__main__":

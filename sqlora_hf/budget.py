@@ -11,11 +11,12 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from .compression import CompressionSpec
 from .compression.checkpoint_plan import LayerToPlan, plan_checkpoint
 from .compression.elastic import kept_rank, ranks_for_budget, truncate_rank
-from .compression.planner import BudgetError, parse_budget
+from .compression.planner import BudgetError, pareto_front, parse_budget
 from .config import SQLoRAConfig
 
 
@@ -115,3 +116,73 @@ def apply_elastic_rank(model: nn.Module, config: SQLoRAConfig, converted: Sequen
     for name, rank in ranks.items():
         if rank != layers[name].rank:
             modules[name].set_packed(truncate_rank(layers[name], rank, name))
+
+
+# Samples the calibrated planner runs through the fp model; its errors only need to rank candidates.
+PLAN_SAMPLES = 16
+
+
+def plan_calibrated_budget(model: nn.Module, config: SQLoRAConfig, input_ids: torch.Tensor, base, skip: list[str],
+                           prefix: str, blocks: nn.ModuleList) -> dict:
+    """{full module name: CalibratedSpec} so that the compressed model fits `config.memory_budget`.
+
+    One forward pass of the uncompressed model over the first `PLAN_SAMPLES` calibration samples,
+    block by block (hooks collect each Linear's Hessian and score its candidates, then the Hessian
+    is dropped), then the same Pareto front + exact knapsack as the data-free planner, on the
+    activation-weighted errors (`compression.planner.hessian_candidates`).
+    """
+    from dataclasses import replace
+
+    from .compression.planner import hessian_candidates, solve_budget
+    from .sequential import _SharedGram, _capture_inputs, _dense_weight, _eligible, _run_block
+
+    budget = parse_budget(config.memory_budget)
+    tiers = sorted({*config.tiers, config.bits})
+    ids = input_ids[:PLAN_SAMPLES]
+    names: list[str] = []
+    fronts = []
+    n_weights = 0
+    with torch.no_grad():
+        inputs = _capture_inputs(model, blocks[0], ids, ids.shape[0])
+        for index in hf_logging.tqdm(range(len(blocks)), desc="sqlora: planning the budget", unit="block"):
+            block = blocks[index]
+            block_name = f"{prefix}.{index}"
+            targets = _eligible(block, block_name, skip, config)
+            shared = _SharedGram(normalize=True)
+            hessians: dict[str, torch.Tensor] = {}
+
+            def collect(name: str):
+                def hook(_mod, args, _out):
+                    h = shared(args[0])
+                    hessians[name] = h if name not in hessians else (hessians[name] + h) / 2
+                return hook
+
+            handles = [m.register_forward_hook(collect(name)) for name, m in targets.items()]
+            try:
+                inputs = _run_block(block, inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+                shared.clear()
+            for name, mod in targets.items():
+                if name not in hessians:
+                    continue
+                weight = _dense_weight(mod)
+                cands = hessian_candidates(weight, hessians.pop(name), tiers, base.sparsity, base.rank)
+                if not cands:
+                    raise ValueError(f"{block_name}.{name}: no tier in {tiers} can pack in_features={weight.shape[1]}")
+                names.append(f"{block_name}.{name}")
+                fronts.append(pareto_front(cands))
+                n_weights += weight.numel()
+    fixed = fixed_bytes(model, names)
+    layer_budget = budget.layer_bytes(n_weights, fixed)
+    least = sum(f[0].nbytes for f in fronts)
+    if least > layer_budget:
+        raise BudgetError(
+            f"SQLoRAConfig.memory_budget={config.memory_budget!r} cannot be met: the smallest achievable is "
+            f"{least + fixed} bytes for the whole model ({8 * least / max(n_weights, 1):.3f} bits per weight over "
+            f"the compressed layers, with tiers {tiers}); the uncompressed parts alone take {fixed} bytes. "
+            "Allow smaller tiers (e.g. tiers=[2, 3, 4, 8]) or raise the budget")
+    choice = solve_budget(fronts, layer_budget)
+    return {name: replace(base, bits=front[j].bits, group_size=front[j].group_size, rank=front[j].rank)
+            for name, front, j in zip(names, fronts, choice)}

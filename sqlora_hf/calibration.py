@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
+from transformers.utils import logging as hf_logging
+
+logger = hf_logging.get_logger("sqlora_hf")
 
 
 @dataclass
@@ -89,7 +92,7 @@ def prepare(data: Any, tokenizer: Any, samples: int, seq_len: int, text_column: 
             texts = list(data)
         if tokenizer is None:
             raise _err("texts need a tokenizer: pass tokenizer=..., or save one beside the model being loaded")
-        ids = _tokenize(texts, tokenizer)
+        ids = _tokenize(texts, tokenizer, samples * seq_len)
     if ids.numel() == 0:
         raise _err("the calibration texts produce no tokens")
     if ids.numel() < seq_len:
@@ -97,20 +100,28 @@ def prepare(data: Any, tokenizer: Any, samples: int, seq_len: int, text_column: 
     else:
         n = min(samples, ids.numel() // seq_len)
         windows = ids[: n * seq_len].view(n, seq_len)
+    if windows.shape[0] < samples:
+        logger.warning(f"sqlora: the calibration data holds {ids.numel()} tokens, enough for {windows.shape[0]} "
+                       f"of the {samples} samples of {seq_len} tokens asked for; using {windows.shape[0]}")
     digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
     record = {"source": source, "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "sha256": digest}
     return CalibrationBatch(input_ids=windows, record=record)
 
 
-def _tokenize(texts: Sequence[str], tokenizer: Any) -> torch.Tensor:
+def _tokenize(texts: Sequence[str], tokenizer: Any, enough: Optional[int] = None) -> torch.Tensor:
+    """Token ids of the texts joined by EOS; stops once `enough` tokens are collected."""
     eos = getattr(tokenizer, "eos_token_id", None)
     pieces = []
+    count = 0
     for text in texts:
+        if enough is not None and count >= enough:
+            break
         if not text.strip():
             continue
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if ids:
             pieces.append(torch.tensor(ids, dtype=torch.long))
+            count += len(ids) + (eos is not None)
             if eos is not None:
                 pieces.append(torch.tensor([eos], dtype=torch.long))
     if not pieces:

@@ -1,13 +1,24 @@
 """Calibrated compression of a model in memory, one transformer block at a time.
 
-For each block: run the calibration activations through it with hooks that accumulate
-`H = Σ xᵀx` for every Linear, compress those Linears with their own H, then run the activations
-through the *compressed* block to produce the next block's inputs — so later blocks learn to
-correct what earlier ones lost (the GPTQ protocol). Only one block's activations are held.
+Each block sees the *compressed* outputs of the blocks before it, so later blocks are fitted to what
+earlier ones really produce (the GPTQ protocol). Only one block's activations are held. Two ways to
+run a block, same result up to which activations each Linear's Hessian sees:
+
+- **one pass** (default when the activations of all samples fit in memory): the block runs once
+  over every sample together; a hook on each Linear computes its Hessian `H = XᵀX/T` from the input
+  it is called with, compresses it right there and lets the call go on with the compressed weight.
+  Later Linears of the block therefore see the compressed outputs of earlier ones ("true
+  sequential" GPTQ), and the block costs one forward plus the Hessians.
+- **two passes** (large models or many samples): the block runs in mini-batches with hooks that
+  accumulate every Linear's Hessian, its Linears are compressed, and it runs again to produce the
+  next block's inputs. About twice the forward cost, but only a mini-batch of activations at once.
+
+Linears that share an input (q/k/v, gate/up) share one Hessian computation.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import os
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -17,10 +28,15 @@ from transformers.utils import logging as hf_logging
 
 from .calibration import prepare
 from .compression.calibrated import CalibratedSpec, compress_with_hessian
-from .formats.layer import layout_problem
+from .compression.gptq import EighCache, gram
+from .formats.layer import PackedLayer, layout_problem
 from .nn.linear import SQLoRALinear
 
 logger = hf_logging.get_logger("sqlora_hf")
+
+# One pass holds every sample's activations at once: allow it while they take at most this share
+# of the memory available when compression starts.
+ONE_PASS_MEMORY_SHARE = 0.4
 
 
 class _Stop(Exception):
@@ -70,51 +86,177 @@ def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple
     return outputs
 
 
+class _SharedGram:
+    """`XᵀX` (or, with `normalize`, `XᵀX / T`) of the last input seen, so Linears called with the
+    same tensor (q/k/v, gate/up) share one computation and one Hessian object."""
+
+    def __init__(self, normalize: bool = False) -> None:
+        self.normalize = normalize
+        self.x: Optional[torch.Tensor] = None
+        self.h: Optional[torch.Tensor] = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.x is not x:
+            rows = x.detach().reshape(-1, x.shape[-1])
+            h = gram(rows)
+            self.x, self.h = x, (h / max(rows.shape[0], 1) if self.normalize else h)
+        return self.h
+
+    def clear(self) -> None:
+        self.x = self.h = None
+
+
+def _dense_weight(mod: nn.Module) -> torch.Tensor:
+    """`[out, in]` whatever the module stores (GPT-2's Conv1D keeps `[in, out]`)."""
+    return mod.weight.t() if isinstance(mod, Conv1D) else mod.weight
+
+
+def one_pass_fits(tokens: int, block: nn.Module) -> bool:
+    """Whether every sample's activations of one block fit `ONE_PASS_MEMORY_SHARE` of free memory."""
+    widths = [max(_dense_weight(m).shape) for m in block.modules() if isinstance(m, (nn.Linear, Conv1D))]
+    # hidden states in and out, an MLP's intermediate tensors (gate, up, their product) and slack
+    need = tokens * max(widths, default=0) * 4 * 6
+    return need <= ONE_PASS_MEMORY_SHARE * _available_bytes()
+
+
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+SpecFor = Callable[[str], CalibratedSpec]
+
+
+def _compress_block_one_pass(block: nn.Module, block_name: str, inputs: list[tuple[tuple, dict]],
+                             targets: dict[str, nn.Module], spec_for: SpecFor
+                             ) -> tuple[dict[str, tuple[PackedLayer, float]], list[tuple[tuple, dict]]]:
+    names = {id(mod): name for name, mod in targets.items()}
+    shared = _SharedGram(normalize=True)
+    eig_cache = EighCache()
+    done: dict[str, tuple[PackedLayer, float]] = {}
+
+    def hook(mod, args):
+        name = names[id(mod)]
+        if name in done:  # a Linear called twice keeps the compression of its first call
+            return None
+        packed, rel = compress_with_hessian(_dense_weight(mod), shared(args[0]), spec_for(name), f"{block_name}.{name}",
+                                            eig_cache)
+        approx = packed.dequantize(torch.float32).to(mod.weight.dtype)
+        # The rest of this call (and of the block) runs on what the compressed layer computes.
+        mod.weight.data = approx.t().contiguous() if isinstance(mod, Conv1D) else approx
+        done[name] = (packed, rel)
+        return None
+
+    handles = [mod.register_forward_pre_hook(hook) for mod in targets.values()]
+    try:
+        outputs = _run_block(block, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        shared.clear()
+    return done, outputs
+
+
+def _compress_block_two_pass(block: nn.Module, block_name: str, inputs: list[tuple[tuple, dict]],
+                             targets: dict[str, nn.Module], spec_for: SpecFor
+                             ) -> tuple[dict[str, tuple[PackedLayer, float]], None]:
+    hessians: dict[str, Optional[torch.Tensor]] = {name: None for name in targets}
+    counts = {name: 0 for name in targets}
+    shared = _SharedGram()
+
+    def accumulate(name: str):
+        def hook(_module, args, _output):
+            x = args[0]
+            h = shared(x)
+            hessians[name] = h.clone() if hessians[name] is None else hessians[name].add_(h)
+            counts[name] += x.numel() // x.shape[-1]
+        return hook
+
+    handles = [mod.register_forward_hook(accumulate(name)) for name, mod in targets.items()]
+    try:
+        _run_block(block, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        shared.clear()
+    done = {}
+    for name, mod in targets.items():
+        if hessians[name] is None:
+            continue
+        h = hessians.pop(name) / max(counts[name], 1)
+        done[name] = compress_with_hessian(_dense_weight(mod), h, spec_for(name), f"{block_name}.{name}")
+    return done, None
+
+
 def compress_model(model: nn.Module, config: Any, calibration_data: Any = None, tokenizer: Any = None,
-                   batch_size: int = 8) -> nn.Module:
-    """Compress `model` in place with calibration data; see `sqlora_hf.compress`."""
+                   batch_size: int = 8, one_pass: Optional[bool] = None) -> nn.Module:
+    """Compress `model` in place with calibration data; see `sqlora_hf.compress`.
+
+    `one_pass=None` picks the one-pass mode when all samples' activations fit in memory.
+    """
     from .quantizer import modules_to_skip
 
     data = calibration_data if calibration_data is not None else config.calibration
     batch = prepare(data, tokenizer, config.calibration_samples, config.calibration_seq_len)
-    spec = CalibratedSpec(bits=config.bits, group_size=config.group_size, sparsity=config.sparsity, rank=config.rank,
-                          method=config.calibration_method, sparsity_criterion=config.sparsity_criterion)
+    base = CalibratedSpec(bits=config.bits, group_size=config.group_size, sparsity=config.sparsity, rank=config.rank,
+                          method=config.calibration_method, sparsity_criterion=config.sparsity_criterion,
+                          scale_search=config.scale_search)
     skip = modules_to_skip(model, config)
     prefix, blocks = find_blocks(model)
     was_training = model.training
     model.eval()
+    specs: dict[str, CalibratedSpec] = {}
+    if config.memory_budget not in (None, "auto"):
+        from .budget import plan_calibrated_budget
+
+        specs = plan_calibrated_budget(model, config, batch.input_ids, base, skip, prefix, blocks)
+
+    def spec_for(full_name: str) -> CalibratedSpec:
+        return specs.get(full_name, base)
+
+    if one_pass is None:
+        one_pass = one_pass_fits(batch.input_ids.numel(), blocks[0])
+    compress_block = _compress_block_one_pass if one_pass else _compress_block_two_pass
     with torch.no_grad():
-        inputs = _capture_inputs(model, blocks[0], batch.input_ids, batch_size)
+        inputs = _capture_inputs(model, blocks[0], batch.input_ids,
+                                 batch.input_ids.shape[0] if one_pass else batch_size)
         for index in hf_logging.tqdm(range(len(blocks)), desc="sqlora: calibrated compression", unit="block"):
             block = blocks[index]
-            targets = _eligible(block, f"{prefix}.{index}", skip, config)
-            hessians = {name: None for name in targets}
-            counts = {name: 0 for name in targets}
-            handles = [mod.register_forward_hook(_accumulate(name, hessians, counts)) for name, mod in targets.items()]
-            try:
-                _run_block(block, inputs)
-            finally:
-                for h in handles:
-                    h.remove()
+            block_name = f"{prefix}.{index}"
+            targets = _eligible(block, block_name, skip, config)
+            done, outputs = compress_block(block, block_name, inputs,
+                                           targets, lambda name: spec_for(f"{block_name}.{name}"))
             for name, mod in targets.items():
-                full = f"{prefix}.{index}.{name}"
-                weight = mod.weight.t() if isinstance(mod, Conv1D) else mod.weight
-                h = hessians[name] / max(counts[name], 1)
-                packed, rel = compress_with_hessian(weight, h, spec, full)
-                new = SQLoRALinear(weight.shape[1], weight.shape[0], bias=mod.bias is not None,
-                                   compute_dtype=config.torch_compute_dtype, backend=config.backend,
-                                   transposed_source=isinstance(mod, Conv1D))
-                if mod.bias is not None:
-                    new.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
-                new.set_packed(packed)
-                new.to(weight.device)
-                new.compression_info = {"method": spec.method, "rel_output_error": rel}
-                block.set_submodule(name, new)
-            inputs = _run_block(block, inputs)
+                if name not in done:
+                    logger.warning(f"sqlora: {block_name}.{name} never ran on the calibration data; left uncompressed")
+                    continue
+                packed, rel = done[name]
+                _swap_in(block, name, mod, packed, rel, config)
+            inputs = outputs if outputs is not None else _run_block(block, inputs)
     model.train(was_training)
     config.calibration = batch.record  # the texts are not kept, only what identifies them
     model.config.quantization_config = config
     return model
+
+
+def _swap_in(block: nn.Module, name: str, mod: nn.Module, packed: PackedLayer, rel: float, config: Any) -> None:
+    weight = _dense_weight(mod)
+    new = SQLoRALinear(weight.shape[1], weight.shape[0], bias=mod.bias is not None,
+                       compute_dtype=config.torch_compute_dtype, backend=config.backend,
+                       transposed_source=isinstance(mod, Conv1D))
+    if mod.bias is not None:
+        new.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
+    new.set_packed(packed)
+    new.to(weight.device)
+    new.compression_info = {"method": config.calibration_method, "rel_output_error": rel,
+                            "bits": packed.bits, "group_size": packed.group_size, "rank": packed.rank}
+    block.set_submodule(name, new)
 
 
 def _eligible(block: nn.Module, block_name: str, skip: list[str], config: Any) -> dict[str, nn.Module]:
@@ -132,12 +274,3 @@ def _eligible(block: nn.Module, block_name: str, skip: list[str], config: Any) -
             continue
         out[name] = mod
     return out
-
-
-def _accumulate(name: str, hessians: dict, counts: dict):
-    def hook(_module, args, _output):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
-        h = x.T @ x
-        hessians[name] = h if hessians[name] is None else hessians[name] + h
-        counts[name] += x.shape[0]
-    return hook

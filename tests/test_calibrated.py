@@ -171,3 +171,43 @@ def test_dataset_with_text_column_works(tiny_model_dirs, tmp_path):
     cfg = SQLoRAConfig(rank=2, calibration_samples=2, calibration_seq_len=16)
     sqlora_hf.compress(model, cfg, datasets.Dataset.from_dict({"text": TEXTS}), tokenizer=tok)
     assert model.config.quantization_config.to_dict()["calibration"]["source"].startswith("datasets.Dataset")
+
+
+@pytest.mark.parametrize("budget", ["3.0bpw", "4.25bpw"])
+def test_calibrated_budget_is_met_and_mixes_configurations(tiny_model_dirs, budget):
+    from transformers import AutoModelForCausalLM
+
+    path, _ = tiny_model_dirs["llama"]
+    torch.manual_seed(0)
+    calib = torch.randint(0, 256, (4, 32))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    cfg = SQLoRAConfig(memory_budget=budget, tiers=[2, 3, 4, 8], group_size=32, calibration_samples=4,
+                       calibration_seq_len=32)
+    sqlora_hf.compress(model, cfg, calib)
+    rep = sqlora_hf.report(model)
+    target = float(budget[:-3])
+    assert target * 0.97 <= rep["bits_per_weight"] <= target
+    configs = {(m.bits, m.group_size, m.rank) for m in model.modules() if isinstance(m, SQLoRALinear)}
+    assert len(configs) > 1  # the knapsack traded bytes between layers
+
+
+def test_calibrated_budget_hessian_errors_rank_like_the_output_error():
+    """The planner's error of a candidate is its relative output error under H (rank 0)."""
+    from sqlora_hf.compression.planner import hessian_candidates
+
+    w, h = _layer(11)
+    cands = {(c.bits, c.group_size, c.rank): c for c in hessian_candidates(w, h, [3, 4], None, 0, sample_every=1)}
+    codes, scales = quantize_groups(w, 3, 64)
+    expected = output_error(w, dequantize_groups(codes, scales, 3), h) / output_error(w, torch.zeros_like(w), h)
+    assert abs(cands[(3, 64, 0)].error - expected) < 1e-6 * max(expected, 1)
+    assert cands[(4, 64, 0)].error < cands[(3, 64, 0)].error
+
+
+def test_impossible_calibrated_budget_is_a_clear_error(tiny_model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    path, _ = tiny_model_dirs["llama"]
+    model = AutoModelForCausalLM.from_pretrained(path)
+    cfg = SQLoRAConfig(memory_budget="2.5bpw", tiers=[3, 4], calibration_samples=2, calibration_seq_len=16)
+    with pytest.raises(ValueError, match="cannot be met.*smallest achievable"):
+        sqlora_hf.compress(model, cfg, torch.randint(0, 256, (2, 16)))

@@ -8,7 +8,7 @@ import torch
 
 from ..formats.layer import PackedLayer, layout_problem
 from ..formats.packing import pack_codes, pack_mask
-from .gptq import gptq, intrinsic_lowrank, output_error, wanda_mask, whitened_lowrank
+from .gptq import EighCache, gptq, intrinsic_lowrank, output_error, wanda_mask, whitened_lowrank
 from .lowrank import factors_from_svd, svd
 
 METHODS = ("intrinsic", "eora", "gptq")
@@ -25,6 +25,7 @@ class CalibratedSpec:
     sparsity_criterion: str = "sparsegpt"
     act_order: Optional[bool] = None  # None: on for dense layers, off for sparse ones
     damp: float = 0.01
+    scale_search: bool = False
 
 
 def calibrated_auto_rank(rows: int, cols: int) -> int:
@@ -33,8 +34,11 @@ def calibrated_auto_rank(rows: int, cols: int) -> int:
 
 
 def compress_with_hessian(weight: torch.Tensor, hessian: torch.Tensor, spec: CalibratedSpec,
-                          name: str = "layer") -> tuple[PackedLayer, float]:
-    """(packed layer, relative output error ‖X(W − Ŵ)ᵀ‖² / ‖X Wᵀ‖²)."""
+                          name: str = "layer", eig_cache: Optional[EighCache] = None) -> tuple[PackedLayer, float]:
+    """(packed layer, relative output error ‖X(W − Ŵ)ᵀ‖² / ‖X Wᵀ‖²).
+
+    `eig_cache` lets Linears that share a Hessian object (q/k/v) share its eigen-decomposition.
+    """
     w = weight.detach().to(torch.float32)
     if not bool(torch.isfinite(w).all()):
         raise ValueError(f"{name}: the weight holds NaN/Inf values; refusing to compress it")
@@ -47,14 +51,16 @@ def compress_with_hessian(weight: torch.Tensor, hessian: torch.Tensor, spec: Cal
         raise ValueError(f"{name}: rank={rank} is larger than the layer allows (min(out, in) = {min(n, k)})")
     act_order = (spec.sparsity is None) if spec.act_order is None else spec.act_order
     keep = wanda_mask(w, hessian, spec.sparsity) if spec.sparsity and spec.sparsity_criterion == "wanda" else None
-    kwargs = dict(sparsity=spec.sparsity, damp=spec.damp, act_order=act_order, keep=keep)
+    kwargs = dict(sparsity=spec.sparsity, damp=spec.damp, act_order=act_order, keep=keep, scale_search=spec.scale_search)
     left = right = None
     if rank > 0 and spec.method == "intrinsic":
-        result, left, right = intrinsic_lowrank(w, hessian, rank, spec.bits, spec.group_size, **kwargs)
+        eig = eig_cache(hessian) if eig_cache is not None else None
+        result, left, right = intrinsic_lowrank(w, hessian, rank, spec.bits, spec.group_size, eig=eig, **kwargs)
     else:
         result = gptq(w, hessian, spec.bits, spec.group_size, **kwargs)
         if rank > 0 and spec.method == "eora":
-            left, right = whitened_lowrank(w - result.dequantized, hessian, rank, spec.damp)
+            eig = eig_cache(hessian) if eig_cache is not None else None
+            left, right = whitened_lowrank(w - result.dequantized, hessian, rank, spec.damp, eig)
         elif rank > 0:
             u, s, vh = svd(w - result.dequantized)
             left, right = factors_from_svd(u, s, vh, rank)
