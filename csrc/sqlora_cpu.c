@@ -350,8 +350,8 @@ T_AVX2 static float row_dot4_pshufb64_avx2(const uint8_t *row, const float *scal
  * and CTLB[m] = [hi(m) | lo(m)], and one vpblendd per control picks lane 0 from m_j and lane 1 from
  * m_j'. Two in-lane byte shuffles per 8 kept columns instead of two vpermps (4096x4096 g64 on the
  * Zen 3 dev VM: 1.52 ms vs 1.72 ms; the 4-bit dense kernel takes 1.43 ms, so sparse is still not
- * faster: 25 vector loads per 32 kept weights make it load-bound, see docs/kernels_cpu.md). The caller
- * checks that every mask byte keeps exactly 4 columns (2:4 and 4:8 both do). */
+ * faster: 25 vector loads per 32 kept weights make it load-bound, see docs/kernels_cpu.md). Every mask
+ * byte must keep exactly 4 columns (2:4 and 4:8 both do); the row checks it on the side and reports. */
 static uint8_t CTLA[256][32], CTLB[256][32];
 
 static void init_ctl_tables(void) {
@@ -385,8 +385,9 @@ static void sparse_x_pq(const float *x, int64_t K, float *xP, float *xQ) {
 
 T_AVX2 static float row_dot4_sparse_pq_avx2(const uint8_t *row, const uint8_t *mrow, const float *scales,
                                             int per_group, int64_t n_stored, const float *xP, const float *xQ,
-                                            const lut4_avx2_t *T) {
+                                            const lut4_avx2_t *T, int *bad_row) {
     __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
+    uint64_t bad = 0; /* nonzero if a mask byte does not keep exactly 4 columns (SWAR popcount, idle ALUs) */
     const int64_t bpg = per_group / 32;
     const float *sc = scales;
     for (int64_t t0 = 0; t0 < n_stored / 32; t0 += bpg, sc++) {
@@ -396,6 +397,14 @@ T_AVX2 static float row_dot4_sparse_pq_avx2(const uint8_t *row, const uint8_t *m
             LUT4_AVX2_BLOCK(*T, row + 16 * t, f0, f1, f2, f3);
             const uint8_t *m = mrow + 8 * t;
             const float *P = xP + 32 * t, *Q = xQ + 32 * t;
+            {
+                uint64_t w;
+                memcpy(&w, m, 8);
+                w = w - ((w >> 1) & 0x5555555555555555ULL);
+                w = (w & 0x3333333333333333ULL) + ((w >> 2) & 0x3333333333333333ULL);
+                w = (w + (w >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
+                bad |= w ^ 0x0404040404040404ULL;
+            }
 #define SQ_XK(r) _mm256_castsi256_ps(_mm256_or_si256(                                                      \
         _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(P + 8 * (r))),                              \
                             _mm256_blend_epi32(_mm256_loadu_si256((const __m256i *)CTLA[m[r]]),               \
@@ -413,6 +422,7 @@ T_AVX2 static float row_dot4_sparse_pq_avx2(const uint8_t *row, const uint8_t *m
         tot0 = _mm256_fmadd_ps(a0, s, tot0);
         tot1 = _mm256_fmadd_ps(a1, s, tot1);
     }
+    *bad_row = bad != 0;
     return hsum256(_mm256_add_ps(tot0, tot1));
 }
 
@@ -698,22 +708,6 @@ T_AVX2 static void mk2x4_avx2(const float *w0, const float *w1, const float *x, 
 
 static int64_t row_bytes(int64_t n_stored, int bits) { return bits == 8 ? n_stored : n_stored / 32 * (4 * bits); }
 
-/* 1 if every byte of the row's mask keeps exactly 4 columns (2:4 and 4:8 both do), SWAR popcount. */
-static int mask_row_keeps4(const uint8_t *m, int64_t nbytes) {
-    int64_t j = 0;
-    for (; j + 8 <= nbytes; j += 8) {
-        uint64_t w;
-        memcpy(&w, m + j, 8);
-        w = w - ((w >> 1) & 0x5555555555555555ULL);
-        w = (w & 0x3333333333333333ULL) + ((w >> 2) & 0x3333333333333333ULL);
-        w = (w + (w >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
-        if (w != 0x0404040404040404ULL) return 0;
-    }
-    for (; j < nbytes; j++)
-        if (__builtin_popcount(m[j]) != 4) return 0;
-    return 1;
-}
-
 #ifdef SQ_X86
 /* Batch 1, 4-bit codes, AVX2 (also used by the AVX-512 path for sparse rows): the fused
  * lookup-and-dot kernels above; x is permuted once (dense) and shared by every row and thread. */
@@ -733,13 +727,14 @@ T_AVX2 static int gemv4_avx2(int n_threads, const float *x, int64_t N, int64_t K
     for (int64_t n = 0; n < N; n++) {
         float acc;
         if (sparsity) {
-            const uint8_t *mrow = mask + n * (K / 8);
-            if (!mask_row_keeps4(mrow, K / 8)) {
+            int bad_row;
+            acc = row_dot4_sparse_pq_avx2(codes + n * rb, mask + n * (K / 8), scales + n * spr, group / 2, K / 2,
+                                          xp, xq, &T, &bad_row);
+            if (bad_row) { /* wrong numbers only (every read stays inside the row), but an error */
                 #pragma omp atomic write
                 bad_mask = 1;
                 continue;
             }
-            acc = row_dot4_sparse_pq_avx2(codes + n * rb, mrow, scales + n * spr, group / 2, K / 2, xp, xq, &T);
         } else {
             acc = row_dot4_pshufb64_avx2(codes + n * rb, scales + n * spr, group, K, xp, &T);
         }
