@@ -202,6 +202,8 @@ def int_act_perplexity(args) -> dict:
     tok = AutoTokenizer.from_pretrained(directory)
     ids = tok(reference_text(), return_tensors="pt").input_ids.reshape(-1)
     ctx, n_win = args.ppl_context, args.ppl_windows
+    torch.set_num_threads(args.decode_threads)
+    os.environ["SQLORA_CPU_THREADS"] = str(args.decode_threads)
 
     def stepwise_ppl(model) -> float:
         nll, count = 0.0, 0
