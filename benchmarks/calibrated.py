@@ -27,7 +27,7 @@ from sqlora_hf.evaluation import calibration_texts, perplexity, reference_text, 
 
 LOW_TIERS = [2, 3, 4, 8]  # budgets at or below 3 bpw need 2-bit layers to be reachable at all
 ROWS = [
-    # label, method (None: data-free), memory budget, tiers, rank, sparsity
+    # label, method (None: data-free), memory budget (None: one fixed layout), tiers, rank, sparsity
     ("data-free 4.25bpw", None, "4.25bpw", [3, 4, 8], "auto", None),
     ("GPTQ 4.25bpw", "gptq", "4.25bpw", [3, 4, 8], 0, None),
     ("GPTQ+EoRA 4.25bpw", "eora", "4.25bpw", [3, 4, 8], "auto", None),
@@ -42,6 +42,10 @@ ROWS = [
     ("GPTQ-intrinsic 4-bit 2:4", "intrinsic", None, [4], "auto", "2:4"),
     ("GPTQ 4-bit 4:8 (SparseGPT)", "gptq", None, [4], 0, "4:8"),
     ("data-free 4-bit 4:8", None, None, [4], "auto", "4:8"),
+    # fixed layouts (no budget: bits = the single tier), to compare the corrections at equal bits
+    ("GPTQ 3-bit g64", "gptq", None, [3], 0, None),
+    ("GPTQ+EoRA 3-bit g64 r8", "eora", None, [3], 8, None),
+    ("GPTQ-intrinsic 3-bit g64 r8", "intrinsic", None, [3], 8, None),
 ]
 
 
@@ -79,7 +83,8 @@ def main(argv=None) -> None:
     results = []
     print(f"{'method':30}{'bpw':>8}{'ppl':>10}{'ratio':>8}{'time s':>9}{'peak +MB':>10}")
     for label, method, budget, tiers, rank, sparsity in rows:
-        cfg = SQLoRAConfig(bits=4, group_size=64, sparsity=sparsity, rank=rank, memory_budget=budget, tiers=tiers)
+        bits = 4 if budget is not None else tiers[0]
+        cfg = SQLoRAConfig(bits=bits, group_size=64, sparsity=sparsity, rank=rank, memory_budget=budget, tiers=tiers)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         before = _rss_mb()
         peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
