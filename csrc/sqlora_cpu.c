@@ -212,19 +212,26 @@ T_AVX2 static lut4_avx2_t lut4_avx2_init(const float *lut) {
     return t;
 }
 
-/* 16 code bytes (one 32-weight block) -> 32 table values as 4 x 8 floats in PSHUFB_ORDER. */
-#define LUT4_AVX2_BLOCK(T, src, f0, f1, f2, f3)                                                            \
+/* 32 codes already split into nibble bytes `v` (one per byte) -> 32 table values as 4 x 8 floats:
+ * each fp32 value is rebuilt exactly from its 4 bytes, looked up by vpshufb and interleaved. */
+#define LUT4_AVX2_16(T, v, f0, f1, f2, f3)                                                                 \
     do {                                                                                                  \
-        __m256i v_ = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(src)));                \
-        v_ = _mm256_and_si256(_mm256_blend_epi32(v_, _mm256_srli_epi16(v_, 4), 0xF0), (T).m4);            \
-        __m256i b0_ = _mm256_shuffle_epi8((T).t0, v_), b1_ = _mm256_shuffle_epi8((T).t1, v_);              \
-        __m256i b2_ = _mm256_shuffle_epi8((T).t2, v_), b3_ = _mm256_shuffle_epi8((T).t3, v_);              \
+        __m256i b0_ = _mm256_shuffle_epi8((T).t0, v), b1_ = _mm256_shuffle_epi8((T).t1, v);                \
+        __m256i b2_ = _mm256_shuffle_epi8((T).t2, v), b3_ = _mm256_shuffle_epi8((T).t3, v);                \
         __m256i l01_ = _mm256_unpacklo_epi8(b0_, b1_), h01_ = _mm256_unpackhi_epi8(b0_, b1_);             \
         __m256i l23_ = _mm256_unpacklo_epi8(b2_, b3_), h23_ = _mm256_unpackhi_epi8(b2_, b3_);             \
         f0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01_, l23_));                                      \
         f1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01_, l23_));                                      \
         f2 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01_, h23_));                                      \
         f3 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01_, h23_));                                      \
+    } while (0)
+
+/* 16 code bytes (one 32-weight block) -> 32 table values as 4 x 8 floats in PSHUFB_ORDER. */
+#define LUT4_AVX2_BLOCK(T, src, f0, f1, f2, f3)                                                            \
+    do {                                                                                                  \
+        __m256i v_ = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(src)));                \
+        v_ = _mm256_and_si256(_mm256_blend_epi32(v_, _mm256_srli_epi16(v_, 4), 0xF0), (T).m4);            \
+        LUT4_AVX2_16(T, v_, f0, f1, f2, f3);                                                              \
     } while (0)
 
 /* Decode (scaled) in natural order: the lookup's 128-bit halves are stored to their own columns. */
@@ -268,17 +275,6 @@ static void permute_x64(const float *x, int64_t n, float *xp) {
         for (int p = 0; p < 32; p++) xp[b + p] = x[b + PSHUFB_ORDER[p]];
 }
 
-#define LUT4_AVX2_16(T, v, f0, f1, f2, f3)                                                                 \
-    do {                                                                                                  \
-        __m256i b0_ = _mm256_shuffle_epi8((T).t0, v), b1_ = _mm256_shuffle_epi8((T).t1, v);                \
-        __m256i b2_ = _mm256_shuffle_epi8((T).t2, v), b3_ = _mm256_shuffle_epi8((T).t3, v);                \
-        __m256i l01_ = _mm256_unpacklo_epi8(b0_, b1_), h01_ = _mm256_unpackhi_epi8(b0_, b1_);             \
-        __m256i l23_ = _mm256_unpacklo_epi8(b2_, b3_), h23_ = _mm256_unpackhi_epi8(b2_, b3_);             \
-        f0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01_, l23_));                                      \
-        f1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01_, l23_));                                      \
-        f2 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01_, h23_));                                      \
-        f3 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01_, h23_));                                      \
-    } while (0)
 
 /* 64 weights (two 32-blocks) of one row against xp; a0/a1 get the two halves' partial sums. */
 #define DOT4_AVX2_64(T, src, xq, a0, a1)                                                                 \

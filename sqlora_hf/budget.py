@@ -134,7 +134,7 @@ def plan_calibrated_budget(model: nn.Module, config: SQLoRAConfig, input_ids: to
     from dataclasses import replace
 
     from .compression.planner import hessian_candidates, solve_budget
-    from .sequential import _SharedGram, _capture_inputs, _dense_weight, _eligible, _run_block
+    from .sequential import _capture_inputs, _dense_weight, _eligible, collect_hessians
 
     budget = parse_budget(config.memory_budget)
     tiers = sorted({*config.tiers, config.bits})
@@ -148,22 +148,7 @@ def plan_calibrated_budget(model: nn.Module, config: SQLoRAConfig, input_ids: to
             block = blocks[index]
             block_name = f"{prefix}.{index}"
             targets = _eligible(block, block_name, skip, config)
-            shared = _SharedGram(normalize=True)
-            hessians: dict[str, torch.Tensor] = {}
-
-            def collect(name: str):
-                def hook(_mod, args, _out):
-                    h = shared(args[0])
-                    hessians[name] = h if name not in hessians else (hessians[name] + h) / 2
-                return hook
-
-            handles = [m.register_forward_hook(collect(name)) for name, m in targets.items()]
-            try:
-                inputs = _run_block(block, inputs)
-            finally:
-                for h in handles:
-                    h.remove()
-                shared.clear()
+            hessians, inputs = collect_hessians(block, inputs, targets)
             for name, mod in targets.items():
                 if name not in hessians:
                     continue

@@ -163,10 +163,10 @@ def _compress_block_one_pass(block: nn.Module, block_name: str, inputs: list[tup
     return done, outputs
 
 
-def _compress_block_two_pass(block: nn.Module, block_name: str, inputs: list[tuple[tuple, dict]],
-                             targets: dict[str, nn.Module], spec_for: SpecFor
-                             ) -> tuple[dict[str, tuple[PackedLayer, float]], None]:
-    hessians: dict[str, Optional[torch.Tensor]] = {name: None for name in targets}
+def collect_hessians(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: dict[str, nn.Module]
+                     ) -> tuple[dict[str, torch.Tensor], list[tuple[tuple, dict]]]:
+    """({name: H = XᵀX / T} over every call of each target Linear, the block's outputs) for one block run."""
+    hessians: dict[str, torch.Tensor] = {}
     counts = {name: 0 for name in targets}
     shared = _SharedGram()
 
@@ -174,23 +174,29 @@ def _compress_block_two_pass(block: nn.Module, block_name: str, inputs: list[tup
         def hook(_module, args, _output):
             x = args[0]
             h = shared(x)
-            hessians[name] = h.clone() if hessians[name] is None else hessians[name].add_(h)
+            hessians[name] = h.clone() if name not in hessians else hessians[name].add_(h)
             counts[name] += x.numel() // x.shape[-1]
         return hook
 
     handles = [mod.register_forward_hook(accumulate(name)) for name, mod in targets.items()]
     try:
-        _run_block(block, inputs)
+        outputs = _run_block(block, inputs)
     finally:
         for h in handles:
             h.remove()
         shared.clear()
+    return {name: h.div_(max(counts[name], 1)) for name, h in hessians.items()}, outputs
+
+
+def _compress_block_two_pass(block: nn.Module, block_name: str, inputs: list[tuple[tuple, dict]],
+                             targets: dict[str, nn.Module], spec_for: SpecFor
+                             ) -> tuple[dict[str, tuple[PackedLayer, float]], None]:
+    hessians, _ = collect_hessians(block, inputs, targets)
     done = {}
     for name, mod in targets.items():
-        if hessians[name] is None:
-            continue
-        h = hessians.pop(name) / max(counts[name], 1)
-        done[name] = compress_with_hessian(_dense_weight(mod), h, spec_for(name), f"{block_name}.{name}")
+        if name in hessians:
+            done[name] = compress_with_hessian(_dense_weight(mod), hessians.pop(name), spec_for(name),
+                                               f"{block_name}.{name}")
     return done, None
 
 

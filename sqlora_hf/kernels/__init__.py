@@ -70,5 +70,8 @@ from . import reference  # noqa: E402,F401  (registers itself)
 from . import triton as _triton_kernels  # noqa: E402,F401  (registers "triton" when the triton package is installed)
 try:  # the C backend is optional: a missing/broken library must never break `import sqlora_hf`
     from . import cpu as _cpu_kernels  # noqa: E402,F401  (registers "cpu")
-except Exception:  # pragma: no cover
-    pass
+except Exception as _err:  # pragma: no cover
+    import warnings
+
+    warnings.warn(f"sqlora_hf: the CPU kernel backend could not be registered ({type(_err).__name__}: {_err}); "
+                  "the reference backend is used instead", RuntimeWarning)

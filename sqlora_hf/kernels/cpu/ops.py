@@ -114,22 +114,13 @@ def describe(codes, scales, mask, lut, lowrank_l, lowrank_r, bias, out_features:
 
 def run(d: Described, x: torch.Tensor) -> torch.Tensor:
     """`x [M, K]` fp32 contiguous CPU → `[M, N]` through a described layer (no per-buffer checks)."""
-    lib = library.load()
-    if lib is None:
+    if library.load() is None:
         raise RuntimeError(f"sqlora CPU kernels are not available: {library.load_error()}")
     if x.dim() != 2 or x.shape[1] != d.k:
         raise ValueError(f"sqlora_cpu.linear: x must be 2-D [M, {d.k}], got {tuple(x.shape)}")
     if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
         raise ValueError(f"sqlora_cpu.linear: x must be a contiguous CPU float32 tensor, got {x.dtype} on {x.device}")
-    m = x.shape[0]
-    y = torch.empty(m, d.n, dtype=torch.float32)
-    if m == 0:
-        return y
-    rc = lib.sqlora_cpu_linear_desc(d.addr, library.ISA_CODES[library.selected_isa()], act_flags(), num_threads(),
-                                    x.data_ptr(), m, y.data_ptr())
-    if rc != 0:
-        raise RuntimeError(f"sqlora_cpu.linear failed: {ERRORS.get(rc, rc)} (code {rc})")
-    return y
+    return run_flat(d, x)
 
 
 def run_flat(d: Described, x: torch.Tensor) -> torch.Tensor:
