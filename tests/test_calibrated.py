@@ -211,3 +211,30 @@ def test_impossible_calibrated_budget_is_a_clear_error(tiny_model_dirs):
     cfg = SQLoRAConfig(memory_budget="2.5bpw", tiers=[3, 4], calibration_samples=2, calibration_seq_len=16)
     with pytest.raises(ValueError, match="cannot be met.*smallest achievable"):
         sqlora_hf.compress(model, cfg, torch.randint(0, 256, (2, 16)))
+
+
+def test_two_pass_mode_matches_one_pass_closely(tiny_model_dirs):
+    """The fallback for activations that do not fit memory compresses every Linear too, with the
+    same Hessians up to the order within a block, so its error is like the one-pass model's."""
+    from transformers import AutoModelForCausalLM
+
+    from sqlora_hf.sequential import compress_model
+
+    path, _ = tiny_model_dirs["llama"]
+    torch.manual_seed(0)
+    calib = torch.randint(0, 256, (4, 32))
+    ids = torch.randint(0, 256, (1, 16))
+    logits = {}
+    for one_pass in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        compress_model(model, SQLoRAConfig(bits=4, rank=2, calibration_samples=4, calibration_seq_len=32), calib,
+                       one_pass=one_pass)
+        assert sum(isinstance(m, SQLoRALinear) for m in model.modules()) == 14
+        with torch.no_grad():
+            logits[one_pass] = model(ids).logits
+    fp = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        ref = fp(ids).logits
+    one, two = ((logits[mode] - ref).norm() / ref.norm() for mode in (True, False))
+    assert 0 < two < 1.5 * one and 0 < one < 1.5 * two
+    assert not torch.equal(logits[True], logits[False])  # really two different code paths
