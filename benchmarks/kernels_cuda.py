@@ -72,8 +72,10 @@ def random_layer(n: int, k: int, bits: int, group: int, sparsity: Optional[str],
 
 
 def time_calls(fn, copies: int, reps: int) -> float:
-    """Median milliseconds of `fn(i)` with i cycling through `copies` weight copies."""
-    for i in range(min(copies, 3)):
+    """Median milliseconds of one eager `fn(i)` (host overhead included), i cycling through `copies`
+    weight copies. Every copy is called once first: the first call of a layer builds its kernel
+    constants (and the first call of a shape runs Triton's autotuner), which is not steady state."""
+    for i in range(copies):
         fn(i)
     torch.cuda.synchronize()
     times = []
@@ -87,6 +89,34 @@ def time_calls(fn, copies: int, reps: int) -> float:
     return statistics.median(times)
 
 
+def time_graph(fn, copies: int, reps: int) -> Optional[float]:
+    """Milliseconds per call of `fn(i)` replayed from a CUDA graph over all copies: the device time
+    without Python and launch overhead (what a graph-captured or compiled decode loop sees).
+    None when the call cannot be captured."""
+    for i in range(copies):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for i in range(copies):
+                fn(i)
+    except Exception as exc:  # noqa: BLE001  (report, do not abort the table)
+        print(f"  (CUDA graph capture failed: {type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(max(3, reps // 10)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / copies)
+    return statistics.median(times)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Packed GPU kernels vs torch fp16 F.linear")
     parser.add_argument("--backend", default="triton", help="kernel backend to time (triton, cuda, auto)")
@@ -96,6 +126,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--bandwidth-gbs", type=float, default=None, help="override the GPU's peak GB/s")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph (device time) columns")
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # accepted for delegation
     args = parser.parse_args(argv)
 
@@ -116,7 +147,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     options = [o for o in OPTIONS if args.options is None or o[0] in args.options]
     print(f"device: {props.name}, peak bandwidth {peak or '?'} GB/s, torch {torch.__version__}, backend {args.backend}")
     print(TARGETS)
-    header = f"{'N x K':>12} {'option':>14} {'batch':>5} {'packed ms':>10} {'fp16 ms':>9} {'speedup':>8} {'GB/s':>7} {'% peak':>7}"
+    header = (f"{'N x K':>12} {'option':>14} {'batch':>5} {'packed ms':>10} {'fp16 ms':>9} {'speedup':>8} "
+              f"{'graph ms':>9} {'fp16 gr':>8} {'gr spd':>7} {'GB/s':>7} {'% peak':>7}")
+    print("eager = one call timed with host overhead; graph = CUDA-graph replay (device time only); "
+          "GB/s and % peak from the graph time")
     print(header)
     rows = []
     with torch.no_grad():
@@ -132,15 +166,23 @@ def main(argv: Optional[list[str]] = None) -> int:
                     x = torch.randn(batch, k, device=device, dtype=torch.float16)
                     packed_ms = time_calls(lambda i: layers[i](x), copies, args.reps)
                     fp16_ms = time_calls(lambda i: F.linear(x, dense[i]), fp16_copies, args.reps)
+                    graph_ms = fp16_graph_ms = None
+                    if not args.no_graph:
+                        graph_ms = time_graph(lambda i: layers[i](x), copies, args.reps)
+                        fp16_graph_ms = time_graph(lambda i: F.linear(x, dense[i]), fp16_copies, args.reps)
                     moved = probe.storage_bytes() + x.numel() * 2 + batch * n * 2
-                    gbs = moved / (packed_ms * 1e-3) / 1e9
+                    gbs = moved / ((graph_ms or packed_ms) * 1e-3) / 1e9
+                    graph_speedup = fp16_graph_ms / graph_ms if graph_ms and fp16_graph_ms else None
                     row = dict(device=props.name, backend=args.backend, n=n, k=k, option=label, batch=batch,
-                               packed_ms=packed_ms, fp16_ms=fp16_ms, speedup=fp16_ms / packed_ms, gbs=gbs,
-                               peak_gbs=peak, pct_peak=100 * gbs / peak if peak else None)
+                               packed_ms=packed_ms, fp16_ms=fp16_ms, speedup=fp16_ms / packed_ms,
+                               graph_ms=graph_ms, fp16_graph_ms=fp16_graph_ms, graph_speedup=graph_speedup,
+                               gbs=gbs, peak_gbs=peak, pct_peak=100 * gbs / peak if peak else None)
                     rows.append(row)
                     pct = f"{row['pct_peak']:.0f}" if peak else "?"
+                    fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
                     print(f"{f'{n}x{k}':>12} {label:>14} {batch:>5} {packed_ms:>10.4f} {fp16_ms:>9.4f} "
-                          f"{row['speedup']:>7.2f}x {gbs:>7.0f} {pct:>7}")
+                          f"{row['speedup']:>7.2f}x {fmt(graph_ms, '>9.4f'):>9} {fmt(fp16_graph_ms, '>8.4f'):>8} "
+                          f"{fmt(graph_speedup, '>6.2f'):>6}x {gbs:>7.0f} {pct:>7}")
                 del layers, probe
             del dense
             torch.cuda.empty_cache()

@@ -39,7 +39,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     elif bits == 3:
         low = _pack2(blocks & 3)
         high = (blocks >> 2) & 1
-        word = (high << torch.arange(32, dtype=torch.int64)).sum(-1)  # uint32 value per block
+        word = (high.to(torch.int64) << torch.arange(32, dtype=torch.int64, device=codes.device)).sum(-1)  # uint32 value per block
         high_bytes = torch.stack([(word >> (8 * i)) & 0xFF for i in range(4)], dim=-1).to(torch.int32)
         out = torch.cat([low, high_bytes], dim=-1)
     else:
