@@ -64,6 +64,7 @@ def main(argv=None) -> None:
     p.add_argument("--windows", type=int, default=100, help="evaluation windows of 512 tokens (>= 50k tokens at 100)")
     p.add_argument("--rows", default=None, help="comma-separated row numbers to run (default: all)")
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/sqlora_hf/smollm2-135m-fp32"))
+    p.add_argument("--scale-search", action="store_true", help="MSE-searched group scales (SQLoRAConfig.scale_search)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.quick:
@@ -84,7 +85,8 @@ def main(argv=None) -> None:
     print(f"{'method':30}{'bpw':>8}{'ppl':>10}{'ratio':>8}{'time s':>9}{'peak +MB':>10}")
     for label, method, budget, tiers, rank, sparsity in rows:
         bits = 4 if budget is not None else tiers[0]
-        cfg = SQLoRAConfig(bits=bits, group_size=64, sparsity=sparsity, rank=rank, memory_budget=budget, tiers=tiers)
+        cfg = SQLoRAConfig(bits=bits, group_size=64, sparsity=sparsity, rank=rank, memory_budget=budget, tiers=tiers,
+                           scale_search=args.scale_search)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         before = _rss_mb()
         peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
@@ -109,7 +111,8 @@ def main(argv=None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "fp32_perplexity": base, "windows": args.windows,
-                       "samples": args.samples, "seq_len": args.seq_len, "rows": results}, f, indent=2)
+                       "samples": args.samples, "seq_len": args.seq_len, "scale_search": args.scale_search,
+                       "rows": results}, f, indent=2)
 
 
 if __name__ == "__main__":
