@@ -55,8 +55,10 @@ class SQLoRAConfig(QuantizationConfigMixin):
         rank_rule: how `rank="auto"` picks ranks: "residual" (energy of the quantization residual
             per byte; default) or "stable" (SQ-LoRA's stable-rank bound on W).
         qa_iterations: rounds of quantization-aware SVD (0 = plain SVD of the residual).
-        scale_search: search MSE-better group scales near absmax (True) or use absmax (False, the
-            default: on SmolLM2 the lower weight MSE of searched scales raised perplexity).
+        scale_search: search MSE-better group scales near absmax (True) or use absmax (False).
+            None (the default) picks per path from SmolLM2 measurements: off for data-free
+            compression (the lower weight MSE of searched scales raised perplexity) and on for
+            calibrated GPTQ (there it lowered perplexity: 1.086x -> 1.081x fp32 at 4.25 bpw).
         rank_keep: elastic rank: keep this fraction (0, 1] of every layer's correction directions,
             applied at load (also when reloading a saved model: see docs/algorithms.md).
         calibration: optional calibration data (a list of texts, a `datasets.Dataset` with a "text"
@@ -91,7 +93,7 @@ class SQLoRAConfig(QuantizationConfigMixin):
         tiers: Union[list, tuple] = (3, 4, 8),
         rank_rule: str = "residual",
         qa_iterations: int = 2,
-        scale_search: bool = False,
+        scale_search: Optional[bool] = None,
         rank_keep: Optional[float] = None,
         **kwargs: Any,
     ) -> None:
@@ -173,8 +175,8 @@ class SQLoRAConfig(QuantizationConfigMixin):
             raise _bad("rank_rule", self.rank_rule, '"residual", "stable"')
         if not _is_int(self.qa_iterations) or not 0 <= self.qa_iterations <= 10:
             raise _bad("qa_iterations", self.qa_iterations, "an int in 0 … 10")
-        if not isinstance(self.scale_search, bool):
-            raise _bad("scale_search", self.scale_search, "True or False")
+        if self.scale_search is not None and not isinstance(self.scale_search, bool):
+            raise _bad("scale_search", self.scale_search, "None (per path), True or False")
         k = self.rank_keep
         if k is not None and (isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1):
             raise _bad("rank_keep", k, "None or a fraction in (0, 1]")
