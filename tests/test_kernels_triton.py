@@ -10,6 +10,7 @@ triton = pytest.importorskip("triton")
 from sqlora_hf import SQLoRAConfig, SQLoRALinear, kernels  # noqa: E402
 from sqlora_hf.compression import CompressionSpec  # noqa: E402
 from sqlora_hf.kernels.triton import aot  # noqa: E402
+from sqlora_hf.kernels.triton import launch  # noqa: E402
 from sqlora_hf.kernels.triton.launch import GEMV_MAX_BATCH  # noqa: E402
 
 from .conftest import auto_class  # noqa: E402
@@ -44,7 +45,7 @@ def _reference_fp32(layer: SQLoRALinear, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sparsity", [None, "2:4", "4:8"])
-@pytest.mark.parametrize("batch", [1, 3, GEMV_MAX_BATCH + 12])  # GEMV and tl.dot paths
+@pytest.mark.parametrize("batch", [1, 3, GEMV_MAX_BATCH + 12])  # dense: row reduction, 16-row and 64-row dot
 def test_every_format_option_matches_reference(interpret, bits, sparsity, batch):
     layer = _layer(bits=bits, sparsity=sparsity, rank=3)
     x = torch.randn(batch, layer.in_features)
@@ -62,6 +63,24 @@ def test_non_multiple_shapes(interpret, n, k, group, sparsity, batch):
     layer = _layer(n=n, k=k, group=group, sparsity=sparsity, rank=2)
     x = torch.randn(batch, k)
     torch.testing.assert_close(_run(layer, x, "triton"), _reference_fp32(layer, x), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits,group,k,batch,blocks", [
+    (4, 128, 384, 3, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64)),    # a group spans two K steps
+    (2, 128, 384, 1, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32)),     # ... four steps, one block a step
+    (4, 32, 320, 5, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256)),    # K not a multiple of BLOCK_K, 8 groups a step
+    (3, 256, 512, 1, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=512)),    # two groups a step
+    (8, 64, 192, 20, dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128)),   # 8-bit, last step half outside K
+    (3, 64, 192, 2, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64)),      # BLOCK_M = 1 with several rows of x
+])
+def test_dense_tile_shapes(interpret, bits, group, k, batch, blocks):
+    """Every BLOCK_K / group relation the dense decode handles (BLOCK_K and the group size are powers
+    of two, so one divides the other), with the blocks forced instead of the launcher's defaults."""
+    layer = _layer(n=40, k=k, bits=bits, group=group, rank=2)
+    x = torch.randn(batch, k)
+    with torch.no_grad():
+        out = launch.packed_linear(layer, x, interpret=True, blocks=blocks)
+    torch.testing.assert_close(out, _reference_fp32(layer, x), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("batch", [1, 20])
@@ -183,7 +202,8 @@ def test_gpu_kernels_match_reference(bits, sparsity, batch):
 
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("variant", [
-    aot.Variant("gemv", 4, False, "fp16"),
+    aot.Variant("matmul1", 4, False, "fp16"),
+    aot.Variant("matmul16", 4, False, "fp16"),
     aot.Variant("gemv", 4, True, "bf16", lowrank=False, bias=False),
     aot.Variant("matmul", 4, False, "fp16"),
 ], ids=lambda v: v.label() if isinstance(v, aot.Variant) else str(v))
@@ -195,7 +215,7 @@ def test_aot_compile_4bit(arch, variant):
 
 @pytest.mark.slow  # ~40-90 s uncached; compiled kernels are cached in ~/.triton/cache
 def test_aot_compile_every_format_option_sm80():
-    """Both kernels x every bits x dense/sparse (fp16) for sm_80. sm_90 and every activation dtype
+    """Every kernel x bits x dense/sparse (fp16) for sm_80. sm_90 and every activation dtype
     are compiled by scripts/ci_gpu_compile.sh; the fast test above covers both archs."""
     failures = []
     for variant in aot.variants(quick=True):

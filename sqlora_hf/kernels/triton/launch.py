@@ -16,13 +16,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ...formats.codebooks import nf_table
 
 KERNEL_SOURCE = Path(__file__).with_name("kernels.py")
-# Batches up to this size take the GEMV kernel; larger ones the tensor-core tile kernel.
+# Dense layers all run the tile kernel: batch 1 with BLOCK_M = 1 (a row reduction), batches up to
+# SMALL_BATCH with BLOCK_M = 16 and the small-batch tile shapes, larger ones the large-batch shapes.
+# Sparse layers: batches up to GEMV_MAX_BATCH take the sparse GEMV kernel, larger ones the tile kernel.
+SMALL_BATCH = 16
 GEMV_MAX_BATCH = 8
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -46,6 +50,8 @@ def kernel_module(interpret: bool) -> ModuleType:
 
 
 def _load_kernel_source(interpret: bool) -> ModuleType:
+    if interpret:
+        _fix_interpreter_scalar_index()
     name = f"sqlora_hf.kernels.triton._kernels_{'interpreted' if interpret else 'compiled'}"
     spec = importlib.util.spec_from_file_location(name, KERNEL_SOURCE)
     module = importlib.util.module_from_spec(spec)
@@ -61,6 +67,39 @@ def _load_kernel_source(interpret: bool) -> ModuleType:
     return module
 
 
+def _fix_interpreter_scalar_index() -> None:
+    """Let Triton's interpreter turn a scalar kernel argument into an int with NumPy >= 2.4.
+
+    The interpreter holds a scalar argument as a 1-element array; Triton 3.6 converts it with `int()`
+    (for `range(0, K, BLOCK_K)`), which new NumPy refuses ("only 0-dimensional arrays can be
+    converted to Python scalars"). Triton 3.9 squeezes the array first; this does the same on older
+    versions. It only touches the interpreter, and only when NumPy needs it.
+    """
+    try:
+        int(np.zeros(1, dtype=np.int32))
+        return  # this NumPy still converts 1-element arrays
+    except TypeError:
+        pass
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_sqlora_scalar_index", False):
+        return
+
+    def scalar_index(self):
+        return int(np.asarray(self.handle.data).reshape(-1)[0])
+
+    def patch_lang_tensor(tensor, *rest):
+        original(tensor, *rest)
+        if rest and hasattr(rest[0], "set_attr"):  # Triton >= 3.4: attributes restored after the launch
+            rest[0].set_attr(tensor, "__index__", scalar_index)
+        else:
+            tensor.__index__ = scalar_index
+
+    patch_lang_tensor._sqlora_scalar_index = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
 def _tuned(kernel, configs: list, key: list[str]):
     """`kernel` wrapped in Triton's autotuner (GPU only): the first call per key times every config
     and keeps the fastest. No GPU was available to pick fixed tile sizes, so the GPU picks them."""
@@ -69,27 +108,67 @@ def _tuned(kernel, configs: list, key: list[str]):
     return triton.autotune(configs=configs, key=key)(kernel)
 
 
-def gpu_kernels() -> dict:
-    """The compiled kernels, autotuned over a few tile shapes (loaded once per process)."""
+# Autotuning candidates: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Dense layers only take
+# power-of-two BLOCK_K >= 32 (any such BLOCK_K and group size divide one another), and num_warps <=
+# BLOCK_N: with more warps than rows, Triton 3.6 spreads the codebook gather across warps and its
+# compiler aborts (`OptimizeThreadLocality`: "isWarpLocal" assertion; seen with BLOCK_N 8, 8 warps).
+# Batch 1: a row reduction (no tl.dot), few rows and long K steps per program. On an H100 (4096x4096,
+# 4-bit, Triton 3.6) BLOCK_N 8 with BLOCK_K 512-1024 and one stage were the fastest of those tried.
+DENSE_ONE_CONFIGS = [(1, 8, 1024, 4, 1), (1, 8, 512, 4, 1), (1, 16, 1024, 4, 1), (1, 16, 512, 4, 1),
+                     (1, 32, 512, 8, 1), (1, 16, 512, 4, 2)]
+# Batch 2-16: tl.dot on a 16-row tile (rows past the batch masked); the kernel is bound by the weight
+# bytes, so small BLOCK_N and long K steps give a 4096-row layer 64-256 programs for 132 SMs.
+DENSE_SMALL_CONFIGS = [(16, 16, 256, 4, 3), (16, 32, 128, 4, 3), (16, 16, 512, 4, 2), (16, 32, 256, 4, 3),
+                       (16, 16, 128, 4, 3), (16, 32, 512, 8, 2), (16, 64, 128, 4, 3)]
+# Larger batches: tensor-core tiles.
+DENSE_LARGE_CONFIGS = [(128, 64, 128, 8, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 4), (64, 64, 128, 4, 3),
+                       (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 128, 8, 2)]
+# Sparse (per-weight decode): (BLOCK_N, BLOCK_K, num_warps[, num_stages]); BLOCK_M comes from the batch.
+SPARSE_GEMV_CONFIGS = [(8, 256, 4), (16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8)]
+SPARSE_MATMUL_CONFIGS = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4),
+                         (128, 128, 8, 2)]
+DENSE_CONFIGS = {"one": DENSE_ONE_CONFIGS, "small": DENSE_SMALL_CONFIGS, "large": DENSE_LARGE_CONFIGS}
+# Blocks used under the interpreter (few programs: each costs tens of ms there) and as defaults.
+INTERPRETER_BLOCKS = {
+    "one": dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=128),
+    "small": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
+    "large": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
+    "sparse_gemv": dict(BLOCK_N=64, BLOCK_K=128),
+    "sparse_matmul": dict(BLOCK_N=64, BLOCK_K=64),
+}
+
+
+def gpu_kernel(kind: str):
+    """The compiled kernel for `kind`, autotuned over the tile shapes above (built once per process).
+
+    Kinds: "one", "small" and "large-<bucket>" (dense layers at batch 1, 2-16, and larger batches,
+    one tuner per batch bucket so batch 32 and batch 4096 each keep their own choice), "sparse_gemv",
+    "sparse_matmul" (its key includes BLOCK_M, which the launcher picks from the batch).
+    """
     with _lock:
-        tuned = _modules.get("tuned")
-    if tuned is None:
+        tuned = _modules.setdefault("tuned", {})
+        kernel = tuned.get(kind)
+    if kernel is None:
         import triton
 
         kern = kernel_module(interpret=False)
-        gemv_configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-                        for bn, bk, w in [(8, 256, 4), (16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 8),
-                                          (64, 128, 8)]]
-        matmul_configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                          for bn, bk, w, st in [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3),
-                                                (64, 64, 4, 4), (128, 128, 8, 2)]]
-        tuned = {
-            "gemv": _tuned(kern.packed_gemv_kernel, gemv_configs, ["N", "n_stored", "BITS", "SPARSE"]),
-            "matmul": _tuned(kern.packed_matmul_kernel, matmul_configs, ["N", "K", "BITS", "SPARSE", "BLOCK_M"]),
-        }
+        if kind.split("-")[0] in DENSE_CONFIGS:
+            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                       for bm, bn, bk, w, st in DENSE_CONFIGS[kind.split("-")[0]] if w <= bn]
+            kernel = _tuned(kern.packed_matmul_kernel, configs, ["N", "K", "BITS", "GROUP", "DOT_FP32"])
+        elif kind == "sparse_gemv":
+            configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+                       for bn, bk, w in SPARSE_GEMV_CONFIGS]
+            kernel = _tuned(kern.sparse_gemv_kernel, configs, ["N", "n_stored", "BITS", "GROUP"])
+        elif kind == "sparse_matmul":
+            configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                       for bn, bk, w, st in SPARSE_MATMUL_CONFIGS]
+            kernel = _tuned(kern.packed_matmul_kernel, configs, ["N", "K", "BITS", "GROUP", "DOT_FP32", "BLOCK_M"])
+        else:
+            raise ValueError(f"unknown kernel kind {kind!r}")
         with _lock:
-            _modules["tuned"] = tuned
-    return tuned
+            kernel = _modules["tuned"].setdefault(kind, kernel)
+    return kernel
 
 
 @dataclass
@@ -97,7 +176,8 @@ class PreparedLayer:
     """Device-side constants of one layer, built once and kept in `module.kernel_cache("triton")`.
 
     The packed tensors are used as stored (the kernels read the canonical format); only small
-    tables are added: the codebook, the 4:8/2:4 select table, and an fp32 copy of `R` (for the one
+    tables are added: the codebook (fp32, padded to 16 entries), the 4:8/2:4 select table, and an
+    fp32 copy of `R` (for the one
     `t = x·Rᵀ` product per call).
     """
 
@@ -133,7 +213,9 @@ def prepare(module) -> PreparedLayer:
         packed = module.packed()
         device = packed.qcodes.device
         bits = packed.bits
-        lut = nf_table(bits, torch.float32, device) if bits != 8 else torch.zeros(1, device=device)
+        lut = torch.zeros(16, device=device)  # the NF codebook padded to 16 entries (none for int8)
+        if bits != 8:
+            lut[: 1 << bits] = nf_table(bits, torch.float32, device)
         sparse = packed.sparsity is not None
         select = select_table(device) if sparse else torch.zeros(1, dtype=torch.uint8, device=device)
         r_fp32 = packed.lowrank_r.to(torch.float32).contiguous() if packed.rank > 0 else None
@@ -143,8 +225,14 @@ def prepare(module) -> PreparedLayer:
     return prepared
 
 
-def packed_linear(module, x: torch.Tensor, interpret: bool) -> torch.Tensor:
-    """`x [M, K]` (fp16/bf16/fp32) → `[M, N]` in x's dtype, low-rank term and bias included."""
+def packed_linear(module, x: torch.Tensor, interpret: bool, blocks: Optional[dict] = None) -> torch.Tensor:
+    """`x [M, K]` (fp16/bf16/fp32) → `[M, N]` in x's dtype, low-rank term and bias included.
+
+    `blocks` fixes the meta-parameters (`BLOCK_M`/`BLOCK_N`/`BLOCK_K`, and `num_warps`/`num_stages`
+    on a GPU) instead of the interpreter defaults or the autotuner: for tests and benchmarks. Dense
+    layers need `BLOCK_K` a power of two >= 32 (`BLOCK_K` and the group size then always divide one
+    another); `BLOCK_M` is 1 (no `tl.dot`) or >= 16, and then `BLOCK_N` >= 16; `num_warps` <= `BLOCK_N`.
+    """
     p = prepare(module)
     x = x.contiguous()
     m = x.shape[0]
@@ -161,30 +249,40 @@ def packed_linear(module, x: torch.Tensor, interpret: bool) -> torch.Tensor:
     else:
         t, l_factor = y, y  # unused pointers
     bias = module.bias if module.bias is not None else y
-    flags = dict(BITS=p.bits, GROUP=p.group_size, SPARSE=p.sparse, HAS_LOWRANK=p.rank > 0,
-                 HAS_BIAS=module.bias is not None)
+    flags = dict(BITS=p.bits, GROUP=p.group_size, HAS_LOWRANK=p.rank > 0, HAS_BIAS=module.bias is not None)
     tail = (p.rank, x.stride(0), y.stride(0))
-    if m <= GEMV_MAX_BATCH:
+    fixed = {}  # meta-parameters the launcher fixes (not tuned)
+    if p.sparse and m <= GEMV_MAX_BATCH:
+        kind, name = "sparse_gemv", "sparse_gemv_kernel"
         args = (x, codes, scales, mask, p.select, p.lut, t, l_factor, bias, y,
                 p.n, p.n_stored, codes.shape[1], scales.shape[1], p.k // 8, *tail)
-        if interpret:
-            kernel_module(True).packed_gemv_kernel[(triton_cdiv(p.n, 64), m)](
-                *args, **flags, BLOCK_N=64, BLOCK_K=128, BLOCK_R=32)
-        else:
-            gpu_kernels()["gemv"][lambda meta: (triton_cdiv(p.n, meta["BLOCK_N"]), m)](*args, **flags, BLOCK_R=32)
+        flags.update(BLOCK_R=32)
+        grid = lambda meta: (triton_cdiv(p.n, meta["BLOCK_N"]), m)  # noqa: E731
     else:
-        # bf16 `tl.dot` is wrong in Triton's interpreter; there the dot runs in fp32 on bf16-rounded tiles.
-        dot_fp32 = x.dtype == torch.float32 or (interpret and x.dtype == torch.bfloat16)
-        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+        name = "packed_matmul_kernel"
         args = (x, codes, scales, mask, p.lut, t, l_factor, bias, y,
                 m, p.n, p.k, codes.shape[1], scales.shape[1], p.k // 8, *tail)
-        if interpret:
-            grid = (triton_cdiv(m, block_m), triton_cdiv(p.n, 64))
-            kernel_module(True).packed_matmul_kernel[grid](*args, **flags, DOT_FP32=dot_fp32, BLOCK_M=block_m,
-                                                           BLOCK_N=64, BLOCK_K=64, BLOCK_R=16)
+        # bf16 `tl.dot` is wrong in Triton's interpreter; there the dot runs in fp32 on bf16-rounded tiles.
+        dot_fp32 = x.dtype == torch.float32 or (interpret and x.dtype == torch.bfloat16)
+        flags.update(SPARSE=p.sparse, DOT_FP32=dot_fp32, BLOCK_R=16)
+        if p.sparse:
+            kind = "sparse_matmul"
+            fixed = dict(BLOCK_M=16 if m <= 16 else (32 if m <= 32 else 64))
+        elif m == 1:
+            kind = "one"
+        elif m <= SMALL_BATCH:
+            kind = "small"
         else:
-            grid = lambda meta: (triton_cdiv(m, block_m), triton_cdiv(p.n, meta["BLOCK_N"]))  # noqa: E731
-            gpu_kernels()["matmul"][grid](*args, **flags, DOT_FP32=dot_fp32, BLOCK_M=block_m, BLOCK_R=16)
+            kind = "large"
+        grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]), triton_cdiv(p.n, meta["BLOCK_N"]))  # noqa: E731
+    if interpret or blocks:
+        meta = {**INTERPRETER_BLOCKS[kind], **fixed, **(blocks or {})}
+        kernel = getattr(kernel_module(interpret), name)
+        kernel[grid({**flags, **meta})](*args, **flags, **meta)
+    else:
+        if kind == "large":  # one tuning per batch bucket (32, 64, 128, 256+)
+            kind = f"large-{min(1 << (m - 1).bit_length(), 256)}"
+        gpu_kernel(kind)[grid](*args, **flags, **fixed)
     return y
 
 
