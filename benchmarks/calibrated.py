@@ -64,9 +64,11 @@ def main(argv=None) -> None:
     p.add_argument("--windows", type=int, default=100, help="evaluation windows of 512 tokens (>= 50k tokens at 100)")
     p.add_argument("--rows", default=None, help="comma-separated row numbers to run (default: all)")
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/sqlora_hf/smollm2-135m-fp32"))
-    p.add_argument("--scale-search", action="store_true", help="MSE-searched group scales (SQLoRAConfig.scale_search)")
+    p.add_argument("--scale-search", choices=["auto", "on", "off"], default="auto",
+                   help="SQLoRAConfig.scale_search: auto = the default (None: on for calibrated rows, off data-free)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    args.scale_search = {"auto": None, "on": True, "off": False}[args.scale_search]
     if args.quick:
         args.samples, args.seq_len, args.windows = 16, 256, 8
     rows = ROWS if not args.quick else ROWS[:4]
