@@ -212,6 +212,10 @@ class SQLoRAConfig(QuantizationConfigMixin):
         if self.sparsity_criterion not in SPARSITY_CRITERIA:
             raise _bad("sparsity_criterion", self.sparsity_criterion, ", ".join(SPARSITY_CRITERIA))
 
+    def uses_scale_search(self, calibrated: bool) -> bool:
+        """`scale_search` resolved for one path: None means on for calibrated GPTQ, off data-free."""
+        return calibrated if self.scale_search is None else self.scale_search
+
     @property
     def needs_calibration_run(self) -> bool:
         """True when calibration data (not just the record of a past run) is present."""

@@ -34,7 +34,7 @@ _pylogging.getLogger("sqlora_hf")  # so users can raise/lower it like any logger
 def compression_spec(config: SQLoRAConfig) -> CompressionSpec:
     return CompressionSpec(bits=config.bits, group_size=config.group_size, sparsity=config.sparsity, rank=config.rank,
                            rank_rule=config.rank_rule, qa_iterations=config.qa_iterations,
-                           scale_search=bool(config.scale_search))
+                           scale_search=config.uses_scale_search(calibrated=False))
 
 
 def modules_to_skip(model: nn.Module, config: SQLoRAConfig) -> list[str]:

@@ -212,7 +212,7 @@ def compress_model(model: nn.Module, config: Any, calibration_data: Any = None, 
     batch = prepare(data, tokenizer, config.calibration_samples, config.calibration_seq_len)
     base = CalibratedSpec(bits=config.bits, group_size=config.group_size, sparsity=config.sparsity, rank=config.rank,
                           method=config.calibration_method, sparsity_criterion=config.sparsity_criterion,
-                          scale_search=config.scale_search is not False)
+                          scale_search=config.uses_scale_search(calibrated=True))
     skip = modules_to_skip(model, config)
     prefix, blocks = find_blocks(model)
     was_training = model.training

@@ -51,3 +51,13 @@ def test_sparsity_needs_group_multiple_of_64():
 def test_unknown_field_is_an_error():
     with pytest.raises(ValueError, match="unknown fields.*bitz"):
         SQLoRAConfig(bitz=4)
+
+
+def test_scale_search_default_depends_on_the_path():
+    """None: searched scales for calibrated GPTQ only; an explicit choice holds on both paths."""
+    assert SQLoRAConfig().uses_scale_search(calibrated=True) is True
+    assert SQLoRAConfig().uses_scale_search(calibrated=False) is False
+    for choice in (True, False):
+        cfg = SQLoRAConfig(scale_search=choice)
+        assert cfg.uses_scale_search(calibrated=True) is choice
+        assert cfg.uses_scale_search(calibrated=False) is choice
