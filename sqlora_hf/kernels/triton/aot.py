@@ -92,12 +92,11 @@ def compile_variant(v: Variant, arch: int, group_size: Optional[int] = None, blo
 
 def tuning_configs() -> Iterator[tuple[Variant, dict, int, int]]:
     """(variant, blocks, num_warps, num_stages) for every dense autotune config of launch.py, 4-bit fp16."""
-    from .launch import DENSE_CONFIGS
+    from .launch import dense_configs
 
-    for kernel, kind in (("matmul1", "one"), ("matmul16", "small"), ("matmul", "large")):
-        for bm, bn, bk, warps, stages in DENSE_CONFIGS[kind]:
-            if warps <= bn:  # as the launcher filters them
-                yield Variant(kernel, 4, False, "fp16"), dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps, stages
+    for kernel, family in (("matmul1", "one"), ("matmul16", "small"), ("matmul", "large")):
+        for bm, bn, bk, warps, stages in dense_configs(family):
+            yield Variant(kernel, 4, False, "fp16"), dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps, stages
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -16,10 +16,10 @@ kernel this is register renaming: a thread keeps the two nibbles of its byte). T
 `tl.gather` from the codebook held in registers (16 fp32 entries, NF2/NF3 padded by the launcher),
 which the compiler turns into a select chain. A codebook in global memory (an L1 hit) was slower on
 an H100: as fp32, Triton's software pipeliner makes every lookup its own asynchronous copy into
-shared memory; as fp16 (left alone) it still cost ~40% more than the gather. The scales of the step are one contiguous `[BLOCK_N, NG]` tile, `NG = max(BLOCK_K / GROUP,
-1)`, broadcast over their columns by viewing the values as `[BLOCK_N, NG, BLOCK_K / NG]`; BLOCK_K
-and GROUP are both powers of two, so either a step holds whole groups (`BLOCK_K >= GROUP`) or a
-group holds whole steps. `x` is a contiguous `[BLOCK_M, BLOCK_K]` tile. The last K step may run past
+shared memory; as fp16 (left alone) it still cost ~40% more than the gather. The scales of the step
+are one contiguous `[BLOCK_N, NG]` tile, `NG = max(BLOCK_K / GROUP, 1)`, broadcast over their
+columns by viewing the values as `[BLOCK_N, NG, BLOCK_K / NG]`; BLOCK_K and GROUP are both powers of
+two, so either a step holds whole groups (`BLOCK_K >= GROUP`) or a group holds whole steps. `x` is a contiguous `[BLOCK_M, BLOCK_K]` tile. The last K step may run past
 K (masked: zero bytes, zero scales, zero `x`), so K only has to be a multiple of 32, which every
 valid layer is.
 

@@ -128,6 +128,12 @@ SPARSE_GEMV_CONFIGS = [(8, 256, 4), (16, 128, 4), (16, 256, 4), (32, 128, 4), (3
 SPARSE_MATMUL_CONFIGS = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4),
                          (128, 128, 8, 2)]
 DENSE_CONFIGS = {"one": DENSE_ONE_CONFIGS, "small": DENSE_SMALL_CONFIGS, "large": DENSE_LARGE_CONFIGS}
+
+
+def dense_configs(family: str) -> list[tuple[int, int, int, int, int]]:
+    """The dense autotune candidates of `family` ("one", "small", "large") that Triton can compile
+    (num_warps <= BLOCK_N, see above); the AOT compile check uses the same list."""
+    return [c for c in DENSE_CONFIGS[family] if c[3] <= c[1]]
 # Blocks used under the interpreter (few programs: each costs tens of ms there) and as defaults.
 INTERPRETER_BLOCKS = {
     "one": dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=128),
@@ -152,9 +158,10 @@ def gpu_kernel(kind: str):
         import triton
 
         kern = kernel_module(interpret=False)
-        if kind.split("-")[0] in DENSE_CONFIGS:
+        family = kind.split("-")[0]  # "large-<bucket>" tunes the "large" list
+        if family in DENSE_CONFIGS:
             configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                       for bm, bn, bk, w, st in DENSE_CONFIGS[kind.split("-")[0]] if w <= bn]
+                       for bm, bn, bk, w, st in dense_configs(family)]
             kernel = _tuned(kern.packed_matmul_kernel, configs, ["N", "K", "BITS", "GROUP", "DOT_FP32"])
         elif kind == "sparse_gemv":
             configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
@@ -177,8 +184,7 @@ class PreparedLayer:
 
     The packed tensors are used as stored (the kernels read the canonical format); only small
     tables are added: the codebook (fp32, padded to 16 entries), the 4:8/2:4 select table, and an
-    fp32 copy of `R` (for the one
-    `t = x·Rᵀ` product per call).
+    fp32 copy of `R` (for the one `t = x·Rᵀ` product per call).
     """
 
     bits: int
