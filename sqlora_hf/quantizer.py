@@ -26,6 +26,7 @@ from .compression import CompressionSpec, compress_weight
 from .config import SQLoRAConfig
 from .formats.layer import FormatError, layout_problem
 from .nn.linear import PACKED_NAMES, SQLoRALinear
+from .output_head import bind_packed_embedding, compress_output_head
 
 logger = hf_logging.get_logger("sqlora_hf")
 _pylogging.getLogger("sqlora_hf")  # so users can raise/lower it like any logger
@@ -102,6 +103,17 @@ def read_packed_headers(checkpoint_files: list[str]) -> dict[str, dict[str, tupl
                         raise FormatError(f"{key} has dtype {sl.get_dtype()}, which the sqlora format never uses")
                     out.setdefault(prefix, {})[leaf] = (tuple(sl.get_shape()), dtype)
     return out
+
+
+def checkpoint_keys(checkpoint_files: list[str]) -> set[str]:
+    """Every tensor name in the checkpoint (headers only)."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for path in checkpoint_files or []:
+        with safe_open(path, framework="pt") as handle:
+            keys.update(handle.keys())
+    return keys
 
 
 _SAFETENSORS_DTYPES = {
@@ -183,6 +195,7 @@ class SQLoRAHfQuantizer(HfQuantizer):
             return model
         headers = read_packed_headers(checkpoint_files)
         self.converted = replace_linears(model, self.quantization_config, skip, packed_prefixes=set(headers))
+        bind_packed_embedding(model, self.quantization_config, checkpoint_keys(checkpoint_files), set(headers))
         for name in self.converted:
             shapes = headers[name]
             for required in ("qmeta", "qcodes", "qscales"):
@@ -236,6 +249,8 @@ class SQLoRAHfQuantizer(HfQuantizer):
         from .budget import apply_elastic_rank
 
         apply_elastic_rank(model, self.quantization_config, self.converted, self.pre_quantized)
+        if not self.pre_quantized:
+            compress_output_head(model, self.quantization_config)
         return model
 
     def _compress_with_calibration(self, model):

@@ -33,12 +33,23 @@ def report(model: nn.Module) -> dict[str, Any]:
     `bits_per_weight` = 8 × (all bytes of the compressed layers: codes, scales, masks, factors,
     metadata) / (number of weights they replace). `total_bytes` is the whole model in memory:
     compressed layers plus everything left uncompressed (embeddings, norms, biases, head).
+    A head packed by `SQLoRAConfig(head_bits=...)` is listed under `output_head`, not in `layers`
+    or `bits_per_weight`, which describe the transformer's layers that `memory_budget` plans.
     """
     layers: dict[str, dict[str, Any]] = {}
     compressed_bytes = 0
     n_weights = 0
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_head = None
     for name, module in model.named_modules():
         if not isinstance(module, SQLoRALinear) or not module.is_packed:
+            continue
+        if module is head:
+            p = module.packed()
+            output_head = {"name": name, "shape": [p.out_features, p.in_features], "bits": p.bits,
+                           "group_size": p.group_size, "bytes": p.nbytes(),
+                           "bits_per_weight": 8 * p.nbytes() / (p.out_features * p.in_features),
+                           "relative_error": getattr(module, "relative_error", None)}
             continue
         p = module.packed()
         nbytes = p.nbytes()
@@ -64,6 +75,7 @@ def report(model: nn.Module) -> dict[str, Any]:
         "compressed_bytes": compressed_bytes,
         "bits_per_weight": 8 * compressed_bytes / n_weights if n_weights else 0.0,
         "total_bytes": _unique_bytes(model),
+        "output_head": output_head,
     }
 
 
@@ -77,6 +89,10 @@ def format_report(summary: dict[str, Any]) -> str:
         lines.append(f"{name[-48:]:48s} {shape:>11s} {e['tier']:>5s} {e['group_size']:>4d} {str(e['sparsity'] or '-'):>6s} "
                      f"{e['rank']:>4d} {e['bits_per_weight']:>6.3f} {err:>8s}")
     lines.append("-" * len(head))
+    h = summary.get("output_head")
+    if h:
+        lines.append(f"output head {h['name']} {h['shape'][0]}x{h['shape'][1]}: {TIER_NAMES.get(h['bits'], h['bits'])} "
+                     f"g{h['group_size']}, {h['bits_per_weight']:.3f} bpw (not in the totals below)")
     lines.append(f"{summary['compressed_layers']} compressed layers, {summary['bits_per_weight']:.4f} bits per weight, "
                  f"{summary['compressed_bytes']} bytes compressed, {summary['total_bytes']} bytes in total")
     return "\n".join(lines)

@@ -245,6 +245,9 @@ def compress_model(model: nn.Module, config: Any, calibration_data: Any = None, 
                 packed, rel = done[name]
                 _swap_in(block, name, mod, packed, rel, config)
             inputs = outputs if outputs is not None else _run_block(block, inputs)
+    from .output_head import compress_output_head
+
+    compress_output_head(model, config)
     model.train(was_training)
     config.calibration = batch.record  # the texts are not kept, only what identifies them
     model.config.quantization_config = config

@@ -157,6 +157,18 @@ class PackedLayer:
                 f"{name}.{key} must be {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}"
             )
 
+    def rows(self, index: torch.Tensor) -> "PackedLayer":
+        """The layer restricted to output rows `index` (for embedding lookups from a packed head).
+
+        Every tensor is stored row-major by output row, so a row subset is a gather on dim 0; the
+        shared `R` factor and the codebook stay as they are.
+        """
+        meta = self.qmeta.clone()
+        meta[META_OUT] = int(index.numel())  # the rank stays: a subset is dequantized, never validated
+        pick = (lambda t: None if t is None else t.index_select(0, index))
+        return PackedLayer(meta, pick(self.qcodes), pick(self.qscales), pick(self.qmask), pick(self.lowrank_l),
+                           self.lowrank_r)
+
     # ---- reference dequantizer -----------------------------------------------------------------
     def dequantize_quantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Ŵ as a dense `[N, K]` matrix (without the low-rank term): the oracle every kernel matches."""
