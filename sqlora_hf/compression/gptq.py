@@ -139,57 +139,72 @@ def gptq(
     w = w_full[:, perm]
     hinv = _inverse_cholesky_upper(h)
 
-    codes = torch.zeros(n, k, dtype=torch.uint8, device=weight.device)
+    # Columns of W are the sweep's unit, so the sweep works on Wᵀ: every column is a contiguous row,
+    # and the per-column error feedback is one rank-1 update (`addr_`) instead of strided writes.
+    # Measured 2x faster on the GPTQ share of a SmolLM2 run (docs/benchmarks.md); same arithmetic.
+    wt = w.t().contiguous()  # [K, N]
+    codes_t = torch.zeros(k, n, dtype=torch.uint8, device=weight.device)
+    q_t = torch.zeros(k, n, dtype=torch.float32, device=weight.device)
     scales = torch.zeros(n, k // group_size, dtype=torch.float16, device=weight.device)
-    q_all = torch.zeros(n, k, dtype=torch.float32, device=weight.device)
     keep_all = torch.ones(n, k, dtype=torch.bool, device=weight.device) if sparsity else None
     block = max(block_size // group_size, 1) * group_size  # a group never straddles two blocks
+    mids = None if table is None else (table[1:] + table[:-1]) / 2
+    static_t = None if static_scales is None else static_scales.to(torch.float32).t()[perm // group_size].contiguous()
 
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
-        w1 = w[:, b0:b1].clone()
+        w1 = wt[b0:b1]  # a view: updated in place
         hinv1 = hinv[b0:b1, b0:b1]
-        err1 = torch.zeros_like(w1)
-        scale = None
+        err1 = torch.empty_like(w1)
+        safe = s = None
         for i in range(b1 - b0):
             col = b0 + i
-            if static_scales is None and col % group_size == 0:
+            if static_t is not None:
+                s = static_t[col]
+                safe = torch.where(s == 0, torch.ones_like(s), s)
+            elif col % group_size == 0:
+                group_w = w1[i:i + group_size].t()  # [N, g]
                 keep_g = None
                 if sparsity and keep is not None:
                     keep_g = keep[:, col:col + group_size]
                     keep_all[:, col:col + group_size] = keep_g
                 elif sparsity:
-                    sal = (w1[:, i:i + group_size] / torch.diagonal(hinv1)[i:i + group_size]) ** 2
-                    sal = sal.view(n, group_size // m, m)
+                    sal = (group_w / torch.diagonal(hinv1)[i:i + group_size]) ** 2
+                    sal = sal.reshape(n, group_size // m, m)
                     top = sal.topk(n_keep, dim=-1).indices
                     keep_g = torch.zeros_like(sal, dtype=torch.bool).scatter_(-1, top, True).view(n, group_size)
                     keep_all[:, col:col + group_size] = keep_g
                 if scale_search and keep_g is None:
-                    scale = search_scales(w1[:, i:i + group_size], bits, group_size)[:, 0]
+                    scale = search_scales(group_w.contiguous(), bits, group_size)[:, 0]
                 else:
-                    scale = _group_scale(w1[:, i:i + group_size], keep_g, bits)
+                    scale = _group_scale(group_w, keep_g, bits)
                 scales[:, col // group_size] = scale
-            if static_scales is not None:
-                scale = static_scales[:, int(perm[col]) // group_size]
-            s = scale.to(torch.float32)
-            safe = torch.where(s == 0, torch.ones_like(s), s)
-            c, vals = _nearest(w1[:, i] / safe, bits, table)
-            q = vals * s
+                s = scale.to(torch.float32)
+                safe = torch.where(s == 0, torch.ones_like(s), s)
+            x = w1[i] / safe
+            if bits == 8:
+                vals = x.round_().clamp_(-127, 127)
+                codes_t[col] = vals.to(torch.int8).view(torch.uint8)
+            else:
+                c = torch.bucketize(x.clamp_(-1, 1), mids)
+                codes_t[col] = c.to(torch.uint8)
+                vals = table[c]
+            q = vals.mul_(s)
             if sparsity:
-                kept = keep_all[:, col]
-                q = torch.where(kept, q, torch.zeros_like(q))
-            codes[:, col] = c
-            q_all[:, col] = q
-            e = (w1[:, i] - q) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
+                q = q.mul_(keep_all[:, col])
+            q_t[col] = q
+            e = torch.sub(w1[i], q, out=err1[i]).div_(hinv1[i, i])
+            if i + 1 < b1 - b0:
+                w1[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1.0)
+        if b1 < k:
+            wt[b1:].addmm_(hinv[b0:b1, b1:].t(), err1, alpha=-1.0)
 
+    codes, q_all = codes_t.t(), q_t.t()
     if act_order:
         inv = torch.argsort(perm)
         codes, q_all = codes[:, inv], q_all[:, inv]
         scales = static_scales
-    return GPTQResult(codes=codes, scales=scales, keep=keep_all, dequantized=q_all)
+    return GPTQResult(codes=codes.contiguous(), scales=scales, keep=keep_all, dequantized=q_all.contiguous())
 
 
 Eigh = tuple[torch.Tensor, torch.Tensor]  # (eigenvalues ascending, eigenvectors), float64
