@@ -74,6 +74,8 @@ def child(args) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.lr)
+    peft_model.eval()
+    ppl_before = perplexity(peft_model, held_out, args.seq_len, args.eval_windows)  # the adapter starts at zero
     peft_model.train()
     losses, start = [], None
     for step, ids in enumerate(train_batches(train_ids, args.steps + 1, args.batch, args.seq_len)):
@@ -90,7 +92,7 @@ def child(args) -> dict:
     ppl = perplexity(peft_model, held_out, args.seq_len, args.eval_windows)
     out = {"label": args.child, "steps": args.steps, "steps_per_s": steps_per_s, "peak_rss_mib": peak_mib,
            "rss_before_model_mib": base_rss, "peak_over_baseline_mib": peak_mib - base_rss,
-           "first_loss": losses[0], "last_loss": losses[-1], "held_out_ppl": ppl}
+           "first_loss": losses[0], "last_loss": losses[-1], "held_out_ppl_before": ppl_before, "held_out_ppl": ppl}
     if args.child == "compressed":
         out.update(merge_check(peft_model, held_out[: args.seq_len].unsqueeze(0)))
     return out
@@ -150,6 +152,9 @@ def main() -> None:
     parser.add_argument("--default-malloc", action="store_true",
                         help="do not set MALLOC_ARENA_MAX=1 / MALLOC_MMAP_THRESHOLD_=131072 for the runs")
     parser.add_argument("--cache", default=DEFAULT_CACHE, help="where the checkpoints are written once")
+    parser.add_argument("--compressed-dir", default=None,
+                        help="an existing sqlora checkpoint to fine-tune instead of the cached default "
+                             "SQLoRAConfig() one (e.g. a calibrated compression saved with save_pretrained)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--child", choices=["fp32", "compressed"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -163,6 +168,7 @@ def main() -> None:
         return
 
     fp_dir, q_dir = prepare(args.cache)
+    q_dir = args.compressed_dir or q_dir
     results = []
     for label, directory in (("fp32", fp_dir), ("compressed", q_dir)):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", label, "--model-dir", directory,
@@ -193,10 +199,12 @@ def main() -> None:
     print(f"\nSmolLM2-135M, LoRA r={args.rank} on all linear layers, batch {args.batch} x {args.seq_len} tokens, "
           f"{args.steps} steps, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
           f"{args.threads} threads (shared machine: timings are noisy)\n")
-    print(f"{'':<12}{'peak RSS MiB':>14}{'over baseline':>15}{'steps/s':>10}{'loss first→last':>20}{'held-out ppl':>14}")
+    print(f"compressed base: {q_dir}")
+    print(f"{'':<12}{'peak RSS MiB':>14}{'over baseline':>15}{'steps/s':>10}{'loss first→last':>20}"
+          f"{'held-out ppl before→after':>28}")
     for r in results:
         print(f"{r['label']:<12}{r['peak_rss_mib']:>14.0f}{r['peak_over_baseline_mib']:>15.0f}{r['steps_per_s']:>10.3f}"
-              f"{r['first_loss']:>11.3f}→{r['last_loss']:<8.3f}{r['held_out_ppl']:>14.3f}")
+              f"{r['first_loss']:>11.3f}→{r['last_loss']:<8.3f}{r['held_out_ppl_before']:>18.3f}→{r['held_out_ppl']:<9.3f}")
     print(f"\ncompressed / fp32: peak RSS {summary['peak_rss_ratio']:.2f}, peak over baseline "
           f"{summary['peak_over_baseline_ratio']:.2f}, steps/s {summary['steps_per_s_ratio']:.2f}, "
           f"held-out ppl {summary['held_out_ppl_ratio']:.3f}")
@@ -205,7 +213,8 @@ def main() -> None:
           f"({q['packed_tensors']} tensors)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k not in ("child", "model_dir", "fp_dir")},
+            json.dump({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "compressed_dir": q_dir,
+                   "args": {k: v for k, v in vars(args).items() if k not in ("child", "model_dir", "fp_dir")},
                        "runs": results, "summary": summary}, f, indent=2)
 
 

@@ -126,7 +126,11 @@ def record(rows, n, k, m, threads, fmt, suffix, tq, items, roof_gbs, t32, t16, l
 
 
 def bench_decode(args) -> dict:
-    """Greedy decode tokens/s of SmolLM2-135M compressed (backend "cpu") vs uncompressed fp32."""
+    """Greedy decode tokens/s of SmolLM2-135M compressed (backend "cpu") vs uncompressed fp32.
+
+    Compressed twice: the default (output head left in fp32, as in every peer) and `head_bits=8`
+    (the tied head/embedding packed as int8 rows, docs/benchmarks.md).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sqlora_hf import SQLoRAConfig
@@ -141,9 +145,11 @@ def bench_decode(args) -> dict:
     fp32 = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     packed = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
                                                   quantization_config=SQLoRAConfig(backend="cpu")).eval()
-    runs = [("fp32", fp32, None), ("sqlora-cpu", packed, None)]
+    head8 = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                 quantization_config=SQLoRAConfig(backend="cpu", head_bits=8)).eval()
+    runs = [("fp32", fp32, None), ("sqlora-cpu", packed, None), ("sqlora-cpu-head8", head8, None)]
     if args.int_act:
-        runs.append(("sqlora-cpu-int-act", packed, "1"))
+        runs += [("sqlora-cpu-int-act", packed, "1"), ("sqlora-cpu-head8-int-act", head8, "1")]
     gen_kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     times = {label: [] for label, _, _ in runs}
     cpu_times = {label: [] for label, _, _ in runs}
@@ -170,15 +176,12 @@ def bench_decode(args) -> dict:
         out[label + "_per_cpu_s"] = args.new_tokens / statistics.median(cpu_times[label])
         print(f"decode {label:<18} {out[label]:7.1f} tokens/s wall, {out[label + '_per_cpu_s']:7.1f} per CPU-second "
               f"(median of {args.decode_reps}, {args.new_tokens} new tokens)", flush=True)
-    del fp32, packed
-    out["speedup"] = out["sqlora-cpu"] / out["fp32"]
-    out["speedup_cpu_s"] = out["sqlora-cpu_per_cpu_s"] / out["fp32_per_cpu_s"]
-    print(f"decode speed-up compressed / fp32: x{out['speedup']:.2f} wall, x{out['speedup_cpu_s']:.2f} CPU time")
-    if args.int_act:
-        out["speedup_int_act"] = out["sqlora-cpu-int-act"] / out["fp32"]
-        out["speedup_int_act_cpu_s"] = out["sqlora-cpu-int-act_per_cpu_s"] / out["fp32_per_cpu_s"]
-        print(f"decode speed-up compressed with integer activations / fp32: x{out['speedup_int_act']:.2f} wall, "
-              f"x{out['speedup_int_act_cpu_s']:.2f} CPU time")
+    del fp32, packed, head8
+    for label, _, _ in runs[1:]:
+        key = "speedup" + label[len("sqlora-cpu"):].replace("-", "_")
+        out[key] = out[label] / out["fp32"]
+        out[key + "_cpu_s"] = out[label + "_per_cpu_s"] / out["fp32_per_cpu_s"]
+        print(f"decode speed-up {label} / fp32: x{out[key]:.2f} wall, x{out[key + '_cpu_s']:.2f} CPU time")
     return out
 
 

@@ -252,10 +252,38 @@ T_AVX2 static void decode4_pshufb_avx2(const uint8_t *row, const float *lut, con
     }
 }
 
+/* 8-bit codes are int8 levels: widened to fp32 in registers (exact) and scaled, 8 at a time. */
+T_AVX2 static void decode8_avx2(const uint8_t *row, const float *scales, int per_group, int64_t n_stored,
+                                float *out) {
+    for (int64_t k = 0; k < n_stored; k += 8) { /* n_stored and per_group are multiples of 32 */
+        const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + k))));
+        _mm256_storeu_ps(out + k, _mm256_mul_ps(w, _mm256_set1_ps(scales[k / per_group])));
+    }
+}
+
 T_AVX2 static void decode_row_avx2(const uint8_t *row, int bits, const float *lut, const float *scales,
                                    int per_group, int64_t n_stored, float *out) {
+    if (bits == 8) { decode8_avx2(row, scales, per_group, n_stored, out); return; }
     if (bits != 4) { decode_row_scalar(row, bits, lut, scales, per_group, n_stored, out); return; }
     decode4_pshufb_avx2(row, lut, scales, per_group, n_stored, out);
+}
+
+/* Batch 1, 8-bit dense: one pass per row, int8 widened to fp32 and dotted per group, then scaled
+ * (SmolLM2's packed 49152 x 576 output head with SQLoRAConfig(head_bits=8): docs/benchmarks.md). */
+T_AVX2 static float row_dot8_avx2(const uint8_t *row, const float *scales, int group, int64_t K, const float *x) {
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t g0 = 0; g0 < K; g0 += group) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (int64_t k = g0; k < g0 + group; k += 16) {
+            const __m128i b = _mm_loadu_si128((const __m128i *)(row + k));
+            const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+            const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), a1);
+        }
+        total = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(scales[g0 / group]), total);
+    }
+    return hsum256(total);
 }
 
 /* Same lookup, two blocks (64 weights) per step from one 32-byte load: lane 0 holds block A's 16
@@ -568,6 +596,18 @@ static float dot_neon(const float *a, const float *b, int64_t n) {
 /* 4-bit decode: codes widened to 32-bit lanes and looked up in the 16-float table as 4 byte planes. */
 static void decode_row_neon(const uint8_t *row, int bits, const float *lut, const float *scales,
                             int per_group, int64_t n_stored, float *out) {
+    if (bits == 8) { /* int8 levels widened to fp32 (exact), 16 at a time */
+        for (int64_t k = 0; k < n_stored; k += 16) {
+            const int8x16_t b = vld1q_s8((const int8_t *)row + k);
+            const int16x8_t lo = vmovl_s8(vget_low_s8(b)), hi = vmovl_s8(vget_high_s8(b));
+            const float32x4_t s = vdupq_n_f32(scales[k / per_group]);
+            vst1q_f32(out + k, vmulq_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), s));
+            vst1q_f32(out + k + 4, vmulq_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo))), s));
+            vst1q_f32(out + k + 8, vmulq_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), s));
+            vst1q_f32(out + k + 12, vmulq_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi))), s));
+        }
+        return;
+    }
     if (bits != 4) { decode_row_scalar(row, bits, lut, scales, per_group, n_stored, out); return; }
     uint8x16_t plane[4];
     {
@@ -788,6 +828,18 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
         int rc = gemv4_int_avx2(n_threads, x, N, K, group, codes, scales, lut, t, L, rank, bias, y);
         free(t);
         return rc;
+    }
+    if (M == 1 && bits == 8 && !sparsity && (isa == ISA_AVX2 || isa == ISA_AVX512)) {
+        const int64_t spr = K / group;
+        #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+        for (int64_t n = 0; n < N; n++) {
+            float acc = row_dot8_avx2(codes + n * K, scales + n * spr, group, K, x);
+            if (bias) acc += bias[n];
+            if (rank > 0) acc += dot_avx2(t, L + n * rank, rank);
+            y[n] = acc;
+        }
+        free(t);
+        return SQ_OK;
     }
     if (M == 1 && bits == 4 && (isa == ISA_AVX2 || (isa == ISA_AVX512 && sparsity))) {
         int rc = gemv4_avx2(n_threads, x, N, K, group, sparsity, codes, scales, mask, lut, t, L, rank, bias, y);
