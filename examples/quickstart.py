@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="perplexity windows of 512 tokens (default 16)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated for the speed test")
     parser.add_argument("--out", default=None, help="also save the compressed model here")
+    parser.add_argument("--head-bits", default="8", choices=["8", "none"],
+                        help="SQLoRAConfig.head_bits: 8 (default here) packs the tied output head/embedding as "
+                             "int8 rows, stored once; none keeps it in fp32 as every peer does")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -50,7 +53,8 @@ def main() -> None:
     del fp
 
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, quantization_config=SQLoRAConfig())
+    config = SQLoRAConfig(head_bits=None if args.head_bits == "none" else int(args.head_bits))
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, quantization_config=config)
     load_s = time.perf_counter() - start
     rep = sqlora_hf.report(model)
     ppl = perplexity(model, ids, 512, args.windows)
@@ -64,6 +68,8 @@ def main() -> None:
     print(f"{f'perplexity ({tokens} tokens)':28}{fp_ppl:16.3f}{ppl:16.3f}")
     print(f"{'perplexity ratio':28}{1.0:16.3f}{ppl / fp_ppl:16.3f}")
     print(f"{'greedy decode (tokens/s)':28}{fp_speed:16.1f}{speed:16.1f}")
+    if rep["output_head"]:
+        print(f"{'output head + embedding':28}{'fp32, tied':>16}{'int8, stored once':>16}")
     print(f"\ncompressed {rep['compressed_layers']} layers at load in {load_s:.1f} s "
           f"(kernel backend: {model.config.quantization_config.backend})")
     if args.out:
