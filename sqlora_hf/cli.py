@@ -65,6 +65,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         fields["modules_to_not_convert"] = list(args.skip)
     if args.budget is not None:
         fields["memory_budget"] = args.budget
+    if args.head_bits is not None:
+        fields["head_bits"] = args.head_bits
     try:
         config = SQLoRAConfig(**fields)
     except (TypeError, ValueError) as err:
@@ -247,6 +249,10 @@ def format_report_table(rep: dict[str, Any]) -> str:
         f"bits per weight:     {rep['bits_per_weight']:.3f}",
         f"whole model bytes:   {rep['total_bytes']} ({rep['total_bytes'] / 1e6:.2f} MB)",
     ]
+    head = rep.get("output_head")
+    if head:
+        lines.append(f"output head {head['name']} {head['shape'][0]}x{head['shape'][1]}: int{head['bits']} "
+                     f"g{head['group_size']}, {head['bytes']} bytes (not in the totals above but the whole model's)")
     return "\n".join(lines)
 
 
@@ -342,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "3.25bpw (SQLoRAConfig.memory_budget)")
     p.add_argument("--skip", nargs="+", metavar="MODULE", default=None,
                    help="module names or patterns to leave uncompressed (e.g. lm_head 'model.layers.0.*')")
+    p.add_argument("--head-bits", type=int, default=None, metavar="8",
+                   help="also pack the output head as int8 rows (a tied embedding then reads from it; default: keep it)")
     p.add_argument("--backend", default="auto", help="kernel backend recorded in the config (default auto)")
     p.add_argument("--dtype", default="auto",
                    help="dtype of what stays uncompressed: auto (the checkpoint's), float32, float16, bfloat16")

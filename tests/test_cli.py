@@ -111,6 +111,7 @@ def _bad_invocations(source: str, compressed: str, text: str, missing: str) -> l
         ["compress", source, f"{missing}/out", "--sparsity", "3:4"],
         ["compress", source, f"{missing}/out", "--rank", "many"],
         ["compress", source, f"{missing}/out", "--budget", "1"],
+        ["compress", source, f"{missing}/out", "--head-bits", "4"],
         ["compress", source, f"{missing}/out", "--backend", "nonexistent"],
         ["compress", missing, f"{missing}/out"],
         ["compress", "--gguf", f"{missing}/model.gguf", f"{missing}/out"],
@@ -133,6 +134,15 @@ def _bad_invocations(source: str, compressed: str, text: str, missing: str) -> l
         ["push", source, "tester/x"],
         ["push", compressed, "tester/x", "--quality", "no-equals-sign"],
     ]
+
+
+def test_compress_with_head_bits_packs_the_tied_head(tiny_model_dirs, tmp_path, capsys):
+    out = tmp_path / "tied-head8"
+    assert main(["compress", tiny_model_dirs["llama"][0], str(out), "--rank", "0", "--head-bits", "8"]) == 0
+    model = load_checkpoint(str(out))
+    assert model.lm_head.bits == 8 and type(model.model.embed_tokens).__name__ == "PackedEmbedding"
+    assert main(["inspect", str(out)]) == 0
+    assert "output head lm_head 256x128: int8 g64" in capsys.readouterr().out
 
 
 def test_every_command_with_bad_arguments_exits_nonzero_with_one_line(source_dir, compressed_dir, text_file,
