@@ -86,3 +86,26 @@ def test_head_bits_round_trips_through_config_json(tiny_model_dirs, tmp_path):
     q.save_pretrained(tmp_path / "q")
     saved = json.load(open(os.path.join(tmp_path, "q", "config.json")))
     assert saved["quantization_config"]["head_bits"] == 8 and saved["tie_word_embeddings"] is False
+
+
+def test_lora_training_on_a_model_with_a_packed_tied_head(tiny_model_dirs):
+    from peft import get_peft_model
+
+    model = _load(tiny_model_dirs["llama"][0], rank=0, head_bits=8)
+    sqlora_hf.peft_integration.gradient_checkpointing_recipe(model)
+    config = sqlora_hf.lora_config(model, r=8, lora_alpha=16, target_modules="all-linear")
+    assert "lm_head" not in config.target_modules  # the head is never an adapter target
+    head_bytes = model.lm_head.qcodes.clone()
+    peft_model = get_peft_model(model, config)
+    peft_model.train()
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-3)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(2))
+    losses = []
+    for _ in range(6):
+        loss = peft_model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.95 * losses[0], losses
+    assert torch.equal(model.lm_head.qcodes, head_bytes)
