@@ -69,7 +69,7 @@ def main() -> None:
     print(f"{'perplexity ratio':28}{1.0:16.3f}{ppl / fp_ppl:16.3f}")
     print(f"{'greedy decode (tokens/s)':28}{fp_speed:16.1f}{speed:16.1f}")
     if rep["output_head"]:
-        print(f"{'output head + embedding':28}{'fp32, tied':>16}{'int8, stored once':>16}")
+        print(f"{'output head + embedding':28}{'fp32, tied':>16}{'int8, stored once':>19}")
     print(f"\ncompressed {rep['compressed_layers']} layers at load in {load_s:.1f} s "
           f"(kernel backend: {model.config.quantization_config.backend})")
     if args.out:
