@@ -78,8 +78,11 @@ def compress_output_head(model: nn.Module, config: Any) -> Optional[str]:
     new.to(weight.device)
     new.relative_error = packed.relative_error
     model.set_submodule(head_name, new)
-    if tied:
+    if tied and type(emb) is nn.Embedding:
         model.set_submodule(emb_name, PackedEmbedding(new, emb.padding_idx, weight.dtype))
+    # A subclass may do more than a lookup (Gemma scales its embeddings), so it keeps its own fp
+    # weight; either way the head no longer shares a tensor with it, and the config must say so.
+    if tied:
         _untie(model)
     return head_name
 

@@ -109,3 +109,28 @@ def test_lora_training_on_a_model_with_a_packed_tied_head(tiny_model_dirs):
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.95 * losses[0], losses
     assert torch.equal(model.lm_head.qcodes, head_bytes)
+
+
+def test_a_tied_embedding_subclass_keeps_its_weight(tiny_model_dirs, tmp_path):
+    """An embedding that does more than a lookup (e.g. Gemma's scaled one) is not replaced."""
+    from transformers import AutoModelForCausalLM
+
+    class ScaledEmbedding(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 2.0
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"][0])
+    old = model.model.embed_tokens
+    scaled = ScaledEmbedding(old.num_embeddings, old.embedding_dim)
+    scaled.weight = old.weight  # still tied to the head
+    model.model.embed_tokens = scaled
+    ids = torch.arange(8).unsqueeze(0)
+    with torch.no_grad():
+        before = model.model.embed_tokens(ids)
+    from sqlora_hf.output_head import compress_output_head
+
+    assert compress_output_head(model, SQLoRAConfig(head_bits=8)) == "lm_head"
+    assert model.model.embed_tokens is scaled and isinstance(model.lm_head, SQLoRALinear)
+    assert model.config.tie_word_embeddings is False
+    with torch.no_grad():
+        assert torch.equal(model.model.embed_tokens(ids), before)
