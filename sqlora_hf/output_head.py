@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .compression import CompressionSpec, compress_weight
+from .compression import CompressionSpec
 from .formats.layer import ALLOWED_GROUP_SIZES, layout_problem
 from .nn.embedding import PackedEmbedding
 from .nn.linear import SQLoRALinear
@@ -68,15 +68,8 @@ def compress_output_head(model: nn.Module, config: Any) -> Optional[str]:
     weight = head.weight.detach()
     spec = CompressionSpec(bits=config.head_bits, group_size=_group_size_for(weight.shape[1], config.group_size,
                                                                              config.head_bits), rank=0)
-    packed = compress_weight(weight.to(torch.float32), spec, head_name)
-    new = SQLoRALinear(head.in_features, head.out_features, bias=head.bias is not None,
-                       compute_dtype=config.torch_compute_dtype, backend=config.backend,
-                       dtype=None if head.bias is None else head.bias.dtype)
-    if head.bias is not None:
-        new.bias = nn.Parameter(head.bias.detach().clone(), requires_grad=False)
-    new.set_packed(packed)
-    new.to(weight.device)
-    new.relative_error = packed.relative_error
+    new = SQLoRALinear.from_dense(weight.to(torch.float32), head.bias, spec, head_name,
+                                  compute_dtype=config.torch_compute_dtype, backend=config.backend)
     model.set_submodule(head_name, new)
     if tied and type(emb) is nn.Embedding:
         model.set_submodule(emb_name, PackedEmbedding(new, emb.padding_idx, weight.dtype))
@@ -87,11 +80,9 @@ def compress_output_head(model: nn.Module, config: Any) -> Optional[str]:
     return head_name
 
 
-def bind_packed_embedding(model: nn.Module, config: Any, checkpoint_keys: set[str], packed_prefixes: set[str]) -> None:
-    """On reload: if the checkpoint packed the head and has no input-embedding weight, the embedding
-    was tied to the head when it was compressed, so it reads the head's packed rows again."""
-    if config.head_bits is None:
-        return
+def bind_packed_embedding(model: nn.Module, checkpoint_keys: set[str], packed_prefixes: set[str]) -> None:
+    """On reload of a `head_bits` checkpoint: if it packed the head and has no input-embedding weight,
+    the embedding was tied to the head when it was compressed, so it reads the head's packed rows again."""
     head_name, emb_name = head_and_embedding(model)
     if head_name not in packed_prefixes or emb_name is None or f"{emb_name}.weight" in checkpoint_keys:
         return

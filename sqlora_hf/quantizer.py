@@ -195,7 +195,8 @@ class SQLoRAHfQuantizer(HfQuantizer):
             return model
         headers = read_packed_headers(checkpoint_files)
         self.converted = replace_linears(model, self.quantization_config, skip, packed_prefixes=set(headers))
-        bind_packed_embedding(model, self.quantization_config, checkpoint_keys(checkpoint_files), set(headers))
+        if self.quantization_config.head_bits is not None:  # only then is the checkpoint's key list needed
+            bind_packed_embedding(model, checkpoint_keys(checkpoint_files), set(headers))
         for name in self.converted:
             shapes = headers[name]
             for required in ("qmeta", "qcodes", "qscales"):

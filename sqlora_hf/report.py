@@ -27,6 +27,23 @@ def _unique_bytes(model: nn.Module) -> int:
 TIER_NAMES = {2: "NF2", 3: "NF3", 4: "NF4", 8: "int8"}
 
 
+def _layer_entry(module: SQLoRALinear) -> dict[str, Any]:
+    p = module.packed()
+    nbytes = p.nbytes()
+    return {
+        "shape": [p.out_features, p.in_features],
+        "bits": p.bits,
+        "group_size": p.group_size,
+        "sparsity": p.sparsity,
+        "rank": p.rank,
+        "bytes": nbytes,
+        "bits_per_weight": 8 * nbytes / (p.out_features * p.in_features),
+        "tier": TIER_NAMES.get(p.bits, f"{p.bits}-bit"),
+        # ||W − Ŵ − L·R||_F / ||W||_F measured at compression; None when unknown (a reloaded model).
+        "relative_error": getattr(module, "relative_error", None),
+    }
+
+
 def report(model: nn.Module) -> dict[str, Any]:
     """One entry per compressed layer plus totals.
 
@@ -44,30 +61,13 @@ def report(model: nn.Module) -> dict[str, Any]:
     for name, module in model.named_modules():
         if not isinstance(module, SQLoRALinear) or not module.is_packed:
             continue
+        entry = _layer_entry(module)
         if module is head:
-            p = module.packed()
-            output_head = {"name": name, "shape": [p.out_features, p.in_features], "bits": p.bits,
-                           "group_size": p.group_size, "bytes": p.nbytes(),
-                           "bits_per_weight": 8 * p.nbytes() / (p.out_features * p.in_features),
-                           "relative_error": getattr(module, "relative_error", None)}
+            output_head = {"name": name, **entry}
             continue
-        p = module.packed()
-        nbytes = p.nbytes()
-        weights = p.out_features * p.in_features
-        layers[name] = {
-            "shape": [p.out_features, p.in_features],
-            "bits": p.bits,
-            "group_size": p.group_size,
-            "sparsity": p.sparsity,
-            "rank": p.rank,
-            "bytes": nbytes,
-            "bits_per_weight": 8 * nbytes / weights,
-            "tier": TIER_NAMES.get(p.bits, f"{p.bits}-bit"),
-            # ||W − Ŵ − L·R||_F / ||W||_F measured at compression; None when unknown (a reloaded model).
-            "relative_error": getattr(module, "relative_error", None),
-        }
-        compressed_bytes += nbytes
-        n_weights += weights
+        layers[name] = entry
+        compressed_bytes += entry["bytes"]
+        n_weights += entry["shape"][0] * entry["shape"][1]
     return {
         "layers": layers,
         "compressed_layers": len(layers),

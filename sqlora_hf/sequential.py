@@ -31,6 +31,7 @@ from .compression.calibrated import CalibratedSpec, compress_with_hessian
 from .compression.gptq import EighCache, gram
 from .formats.layer import PackedLayer, layout_problem
 from .nn.linear import SQLoRALinear
+from .output_head import compress_output_head
 
 logger = hf_logging.get_logger("sqlora_hf")
 
@@ -245,8 +246,6 @@ def compress_model(model: nn.Module, config: Any, calibration_data: Any = None, 
                 packed, rel = done[name]
                 _swap_in(block, name, mod, packed, rel, config)
             inputs = outputs if outputs is not None else _run_block(block, inputs)
-    from .output_head import compress_output_head
-
     compress_output_head(model, config)
     model.train(was_training)
     config.calibration = batch.record  # the texts are not kept, only what identifies them

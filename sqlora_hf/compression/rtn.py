@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.codebooks import nf_table
+from ..formats.codebooks import nf_midpoints, nf_table
 
 
 def nearest_nf(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Index of the nearest NF level for values already divided by their scale (clamped to [-1, 1])."""
-    table = nf_table(bits, torch.float32, x.device)
-    return torch.bucketize(x.clamp(-1, 1).contiguous(), (table[1:] + table[:-1]) / 2)
+    return torch.bucketize(x.clamp(-1, 1).contiguous(), nf_midpoints(bits, x.device))
 
 
 def quantize_groups(values: torch.Tensor, bits: int, group_len: int,

@@ -61,6 +61,16 @@ def nf_table(bits: int, dtype: torch.dtype = torch.float32, device: torch.device
     return table
 
 
+def nf_midpoints(bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Decision boundaries between neighbouring NF levels (float32), cached: GPTQ asks once per column."""
+    key = (bits, "midpoints", torch.device(device))
+    mids = _CACHE.get(key)
+    if mids is None:
+        table = nf_table(bits, torch.float32, device)
+        mids = _CACHE[key] = (table[1:] + table[:-1]) / 2
+    return mids
+
+
 def decode_values(codes: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Map unpacked integer codes (0 … 2^bits − 1, or int8 bytes for 8 bits) to unscaled values."""
     if bits == 8:

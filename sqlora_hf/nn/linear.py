@@ -83,7 +83,9 @@ class SQLoRALinear(nn.Module):
         module = cls(k, n, bias=bias is not None, dtype=None if bias is None else bias.dtype, **kwargs)
         if bias is not None:
             module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        module.set_packed(compress_weight(weight, spec, name))
+        packed = compress_weight(weight, spec, name)
+        module.set_packed(packed)
+        module.relative_error = packed.relative_error  # shown by report()
         return module
 
     # ---- views ---------------------------------------------------------------------------------

@@ -68,18 +68,13 @@ def all_linear_names(model: nn.Module) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 
     from ..nn.linear import SQLoRALinear
+    from ..output_head import head_and_embedding
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = set()
-    for name, module in model.named_modules():
-        if module is head or not name:
-            continue
-        if isinstance(module, (SQLoRALinear, nn.Linear, Conv1D)):
-            names.add(name.rsplit(".", 1)[-1])
-    if head is not None:
-        head_name = next((n for n, m in model.named_modules() if m is head), None)
-        if head_name:
-            names.discard(head_name.rsplit(".", 1)[-1])
+    head_name = head_and_embedding(model)[0]
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if name and isinstance(module, (SQLoRALinear, nn.Linear, Conv1D))}
+    if head_name:
+        names.discard(head_name.rsplit(".", 1)[-1])
     if not names:
         raise ValueError("target_modules='all-linear' found no linear layers in this model")
     return sorted(names)
