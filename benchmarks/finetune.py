@@ -8,6 +8,9 @@ data order for both), train `--steps` steps, then measure held-out perplexity. T
 also merges the adapter (`sqlora_hf.merge_and_unload`) and reports the merge error (relative, fp32
 logits) and whether codes/scales/masks stayed byte-identical. The compressed checkpoint is made once
 and cached (`--cache`), so its process loads packed weights and never holds the fp32 model.
+With `--init-from-correction` the compressed run starts its adapters from the layers' own low-rank
+corrections (LoftQ-style; use a checkpoint that has corrections, e.g. `--compressed-dir` of a calibrated
+compression with `rank=16`).
 
 Text: the Python documentation topics shipped with CPython (`sqlora_hf.evaluation.reference_text`),
 the first 90 % of tokens for training, the last 10 % held out.
@@ -68,14 +71,16 @@ def child(args) -> dict:
     base_rss = rss_mib()
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     targets = sqlora_hf.peft_integration.all_linear_names(model)
-    config = sqlora_hf.lora_config(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets)
+    config = sqlora_hf.lora_config(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets,
+                                   init_from_correction=args.init_from_correction and args.child == "compressed")
     peft_model = get_peft_model(model, config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.lr)
     peft_model.eval()
-    ppl_before = perplexity(peft_model, held_out, args.seq_len, args.eval_windows)  # the adapter starts at zero
+    # The adapters start as a no-op: zero, or the correction moved out of the base.
+    ppl_before = perplexity(peft_model, held_out, args.seq_len, args.eval_windows)
     peft_model.train()
     losses, start = [], None
     for step, ids in enumerate(train_batches(train_ids, args.steps + 1, args.batch, args.seq_len)):
@@ -155,6 +160,9 @@ def main() -> None:
     parser.add_argument("--compressed-dir", default=None,
                         help="an existing sqlora checkpoint to fine-tune instead of the cached default "
                              "SQLoRAConfig() one (e.g. a calibrated compression saved with save_pretrained)")
+    parser.add_argument("--init-from-correction", action="store_true",
+                        help="compressed run: start each adapter from the layer's own low-rank correction "
+                             "(LoftQ-style; the fp32 run keeps PEFT's zero-initialised adapter)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--child", choices=["fp32", "compressed"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -177,6 +185,8 @@ def main() -> None:
                "--eval-windows", str(args.eval_windows), "--threads", str(args.threads)]
         if not args.gradient_checkpointing:
             cmd.append("--no-gradient-checkpointing")
+        if args.init_from_correction:
+            cmd.append("--init-from-correction")
         print(f"running {label} ...", flush=True)
         env = dict(os.environ)
         if not args.default_malloc:
@@ -199,7 +209,7 @@ def main() -> None:
     print(f"\nSmolLM2-135M, LoRA r={args.rank} on all linear layers, batch {args.batch} x {args.seq_len} tokens, "
           f"{args.steps} steps, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
           f"{args.threads} threads (shared machine: timings are noisy)\n")
-    print(f"compressed base: {q_dir}")
+    print(f"compressed base: {q_dir}" + (" (adapters start from the layers' corrections)" if args.init_from_correction else ""))
     print(f"{'':<12}{'peak RSS MiB':>14}{'over baseline':>15}{'steps/s':>10}{'loss first→last':>20}"
           f"{'held-out ppl before→after':>28}")
     for r in results:

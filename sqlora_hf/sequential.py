@@ -26,8 +26,9 @@ from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging as hf_logging
 
+from .allocator import reuse_freed_memory
 from .calibration import prepare
-from .compression.calibrated import CalibratedSpec, compress_with_hessian
+from .compression.calibrated import CalibratedSpec, compress_shared_input, compress_with_hessian
 from .compression.gptq import EighCache, gram
 from .formats.layer import PackedLayer, layout_problem
 from .nn.linear import SQLoRALinear
@@ -115,8 +116,9 @@ def _dense_weight(mod: nn.Module) -> torch.Tensor:
 def one_pass_fits(tokens: int, block: nn.Module) -> bool:
     """Whether every sample's activations of one block fit `ONE_PASS_MEMORY_SHARE` of free memory."""
     widths = [max(_dense_weight(m).shape) for m in block.modules() if isinstance(m, (nn.Linear, Conv1D))]
-    # hidden states in and out, an MLP's intermediate tensors (gate, up, their product) and slack
-    need = tokens * max(widths, default=0) * 4 * 6
+    # hidden states in and out, an MLP's intermediate tensors (gate, up, their product), and the freed
+    # tensors `reuse_freed_memory` keeps for reuse: SmolLM2 at 128 × 512 grew by 3.2 GB (estimate 3.6)
+    need = tokens * max(widths, default=0) * 4 * 9
     return need <= ONE_PASS_MEMORY_SHARE * _available_bytes()
 
 
@@ -134,24 +136,54 @@ def _available_bytes() -> int:
 SpecFor = Callable[[str], CalibratedSpec]
 
 
+Groups = list[list[str]]  # names of Linears that read one input tensor, in call order
+
+
 def _compress_block_one_pass(block: nn.Module, block_name: str, inputs: list[tuple[tuple, dict]],
-                             targets: dict[str, nn.Module], spec_for: SpecFor
-                             ) -> tuple[dict[str, tuple[PackedLayer, float]], list[tuple[tuple, dict]]]:
+                             targets: dict[str, nn.Module], spec_for: SpecFor, siblings: Optional[Groups] = None
+                             ) -> tuple[dict[str, tuple[PackedLayer, float]], list[tuple[tuple, dict]], Groups]:
+    """Compress `block` in one forward pass; also returns the groups of Linears seen reading one input.
+
+    `siblings` are the groups the previous block showed (q/k/v, gate/up): when the first Linear of a
+    group runs, the whole group is compressed at once (`compress_shared_input`: one stacked GPTQ
+    sweep instead of one per Linear). The others' results wait until their own call, and are used
+    only if that call reads the very same tensor; otherwise that Linear is compressed on its own.
+    """
     names = {id(mod): name for name, mod in targets.items()}
     shared = _SharedGram(normalize=True)
     eig_cache = EighCache()
     done: dict[str, tuple[PackedLayer, float]] = {}
+    pending: dict[str, tuple[torch.Tensor, tuple[PackedLayer, float]]] = {}
+    group_of = {name: group for group in siblings or [] for name in group}
+    seen: Groups = []
+
+    def install(mod: nn.Module, name: str, result: tuple[PackedLayer, float]) -> None:
+        approx = result[0].dequantize(torch.float32).to(mod.weight.dtype)
+        # The rest of this call (and of the block) runs on what the compressed layer computes.
+        mod.weight.data = approx.t().contiguous() if isinstance(mod, Conv1D) else approx
+        done[name] = result
 
     def hook(mod, args):
         name = names[id(mod)]
         if name in done:  # a Linear called twice keeps the compression of its first call
             return None
-        packed, rel = compress_with_hessian(_dense_weight(mod), shared(args[0]), spec_for(name), f"{block_name}.{name}",
-                                            eig_cache)
-        approx = packed.dequantize(torch.float32).to(mod.weight.dtype)
-        # The rest of this call (and of the block) runs on what the compressed layer computes.
-        mod.weight.data = approx.t().contiguous() if isinstance(mod, Conv1D) else approx
-        done[name] = (packed, rel)
+        x = args[0]
+        if seen and shared.x is x:
+            seen[-1].append(name)
+        else:
+            seen.append([name])
+        if name in pending:
+            wanted, result = pending.pop(name)
+            if wanted is x:
+                install(mod, name, result)
+                return None
+        spec = spec_for(name)
+        group = [name] + [m for m in group_of.get(name, []) if m != name and m in targets and m not in done
+                          and m not in pending and spec_for(m) == spec]
+        results = compress_shared_input([_dense_weight(targets[m]) for m in group], shared(x), spec,
+                                        [f"{block_name}.{m}" for m in group], eig_cache)
+        install(mod, name, results[0])
+        pending.update((m, (x, r)) for m, r in zip(group[1:], results[1:]))
         return None
 
     handles = [mod.register_forward_pre_hook(hook) for mod in targets.values()]
@@ -161,7 +193,8 @@ def _compress_block_one_pass(block: nn.Module, block_name: str, inputs: list[tup
         for h in handles:
             h.remove()
         shared.clear()
-    return done, outputs
+        pending.clear()
+    return done, outputs, [g for g in seen if len(g) > 1]
 
 
 def collect_hessians(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: dict[str, nn.Module]
@@ -190,15 +223,15 @@ def collect_hessians(block: nn.Module, inputs: list[tuple[tuple, dict]], targets
 
 
 def _compress_block_two_pass(block: nn.Module, block_name: str, inputs: list[tuple[tuple, dict]],
-                             targets: dict[str, nn.Module], spec_for: SpecFor
-                             ) -> tuple[dict[str, tuple[PackedLayer, float]], None]:
+                             targets: dict[str, nn.Module], spec_for: SpecFor, siblings: Optional[Groups] = None
+                             ) -> tuple[dict[str, tuple[PackedLayer, float]], None, Groups]:
     hessians, _ = collect_hessians(block, inputs, targets)
     done = {}
     for name, mod in targets.items():
         if name in hessians:
             done[name] = compress_with_hessian(_dense_weight(mod), hessians.pop(name), spec_for(name),
                                                f"{block_name}.{name}")
-    return done, None
+    return done, None, []
 
 
 def compress_model(model: nn.Module, config: Any, calibration_data: Any = None, tokenizer: Any = None,
@@ -207,6 +240,12 @@ def compress_model(model: nn.Module, config: Any, calibration_data: Any = None, 
 
     `one_pass=None` picks the one-pass mode when all samples' activations fit in memory.
     """
+    with reuse_freed_memory():
+        return _compress_model(model, config, calibration_data, tokenizer, batch_size, one_pass)
+
+
+def _compress_model(model: nn.Module, config: Any, calibration_data: Any, tokenizer: Any, batch_size: int,
+                    one_pass: Optional[bool]) -> nn.Module:
     from .quantizer import modules_to_skip
 
     data = calibration_data if calibration_data is not None else config.calibration
@@ -233,12 +272,13 @@ def compress_model(model: nn.Module, config: Any, calibration_data: Any = None, 
     with torch.no_grad():
         inputs = _capture_inputs(model, blocks[0], batch.input_ids,
                                  batch.input_ids.shape[0] if one_pass else batch_size)
+        siblings: Groups = []
         for index in hf_logging.tqdm(range(len(blocks)), desc="sqlora: calibrated compression", unit="block"):
             block = blocks[index]
             block_name = f"{prefix}.{index}"
             targets = _eligible(block, block_name, skip, config)
-            done, outputs = compress_block(block, block_name, inputs,
-                                           targets, lambda name: spec_for(f"{block_name}.{name}"))
+            done, outputs, siblings = compress_block(block, block_name, inputs, targets,
+                                                     lambda name: spec_for(f"{block_name}.{name}"), siblings)
             for name, mod in targets.items():
                 if name not in done:
                     logger.warning(f"sqlora: {block_name}.{name} never ran on the calibration data; left uncompressed")

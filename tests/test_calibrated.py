@@ -238,3 +238,54 @@ def test_two_pass_mode_matches_one_pass_closely(tiny_model_dirs):
     one, two = ((logits[mode] - ref).norm() / ref.norm() for mode in (True, False))
     assert 0 < two < 1.5 * one and 0 < one < 1.5 * two
     assert not torch.equal(logits[True], logits[False])  # really two different code paths
+
+
+@pytest.mark.parametrize("method", ["intrinsic", "eora", "gptq"])
+@pytest.mark.parametrize("sparsity,criterion", [(None, "sparsegpt"), ("2:4", "sparsegpt"), ("4:8", "wanda")])
+def test_shared_input_layers_compressed_together_match_one_by_one(method, sparsity, criterion):
+    """q/k/v-like layers (different widths, hence different auto ranks) swept as one stacked GPTQ
+    give the layers that compressing each alone gives (rows are independent in GPTQ)."""
+    from sqlora_hf.compression.calibrated import compress_shared_input
+
+    _, h = _layer(11)
+    g = torch.Generator().manual_seed(12)
+    weights = [torch.randn(n, 256, generator=g) * 0.05 for n in (96, 32, 32)]
+    spec = CalibratedSpec(bits=4, group_size=64, sparsity=sparsity, rank="auto", method=method,
+                          sparsity_criterion=criterion, scale_search=sparsity is None)
+    together = compress_shared_input(weights, h, spec, ["q", "k", "v"])
+    for w, name, (packed, rel) in zip(weights, "qkv", together):
+        alone, rel_alone = compress_with_hessian(w, h, spec, name)
+        assert packed.rank == alone.rank
+        assert (packed.qcodes == alone.qcodes).float().mean() > 0.999  # equal up to float rounding ties
+        assert torch.equal(packed.qmask, alone.qmask) if sparsity else packed.qmask is None
+        assert rel == pytest.approx(rel_alone, rel=1e-3)
+
+
+def test_one_pass_groups_shared_input_linears_and_a_wrong_guess_changes_nothing(tiny_model_dirs):
+    """Each block reports which Linears read one tensor; the next block compresses such a group in
+    one go. A guess that is wrong (the two Linears read different tensors) must not change any layer."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from sqlora_hf.sequential import _capture_inputs, _compress_block_one_pass, _eligible
+
+    path, _ = tiny_model_dirs["llama"]
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3))
+    spec = CalibratedSpec(bits=4, group_size=32, rank=2)
+    with torch.no_grad():
+        inputs = _capture_inputs(model, model.model.layers[0], calib, 4)
+        packed = {}
+        for guess in (None, [["self_attn.q_proj", "mlp.gate_proj"]], [["self_attn.q_proj", "self_attn.k_proj"]]):
+            block = copy.deepcopy(model.model.layers[0])
+            targets = _eligible(block, "model.layers.0", [], SQLoRAConfig(bits=4, group_size=32))
+            done, _, groups = _compress_block_one_pass(block, "model.layers.0", inputs, targets, lambda _: spec, guess)
+            packed[str(guess)] = {name: p.qcodes for name, (p, _) in done.items()}
+            assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                              ["mlp.gate_proj", "mlp.up_proj"]]
+    alone, wrong, right = packed.values()
+    assert len(alone) == 7 and alone.keys() == wrong.keys() == right.keys()
+    for name in alone:
+        assert torch.equal(alone[name], wrong[name]), name
+        assert (alone[name] == right[name]).float().mean() > 0.999, name

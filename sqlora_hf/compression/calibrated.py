@@ -8,7 +8,8 @@ import torch
 
 from ..formats.layer import PackedLayer, layout_problem
 from ..formats.packing import pack_codes, pack_mask
-from .gptq import EighCache, gptq, intrinsic_lowrank, output_error, wanda_mask, whitened_lowrank
+from .gptq import (EighCache, GPTQResult, better_intrinsic, deflated_hessian, gptq, hessian_eigh, output_error,
+                   wanda_mask, whitened_lowrank)
 from .lowrank import factors_from_svd, svd
 
 METHODS = ("intrinsic", "eora", "gptq")
@@ -39,6 +40,11 @@ def compress_with_hessian(weight: torch.Tensor, hessian: torch.Tensor, spec: Cal
 
     `eig_cache` lets Linears that share a Hessian object (q/k/v) share its eigen-decomposition.
     """
+    return compress_shared_input([weight], hessian, spec, [name], eig_cache)[0]
+
+
+def _checked(weight: torch.Tensor, spec: CalibratedSpec, name: str) -> tuple[torch.Tensor, int]:
+    """(float32 weight, rank) after the checks every layer gets."""
     w = weight.detach().to(torch.float32)
     if not bool(torch.isfinite(w).all()):
         raise ValueError(f"{name}: the weight holds NaN/Inf values; refusing to compress it")
@@ -49,21 +55,65 @@ def compress_with_hessian(weight: torch.Tensor, hessian: torch.Tensor, spec: Cal
     rank = calibrated_auto_rank(n, k) if spec.rank == "auto" else int(spec.rank)
     if rank > min(n, k):
         raise ValueError(f"{name}: rank={rank} is larger than the layer allows (min(out, in) = {min(n, k)})")
+    return w, rank
+
+
+def _stacked_gptq(ws: list[torch.Tensor], hessian: torch.Tensor, spec: CalibratedSpec, **kwargs) -> list[GPTQResult]:
+    """GPTQ of several layers under one Hessian as one sweep over their stacked rows.
+
+    GPTQ's rows are independent given H (the column order, the inverse-Hessian factor and every
+    update are per row), so this equals one sweep per layer up to float rounding, and pays the
+    Hessian factorisation and the per-column Python work once: q/k/v and gate/up each become one sweep.
+    """
+    keep = kwargs.pop("keep")
+    stacked_keep = torch.cat(keep) if keep[0] is not None else None
+    result = gptq(torch.cat(ws) if len(ws) > 1 else ws[0], hessian, spec.bits, spec.group_size, keep=stacked_keep,
+                  **kwargs)
+    return result.split_rows([w.shape[0] for w in ws]) if len(ws) > 1 else [result]
+
+
+def compress_shared_input(weights: list[torch.Tensor], hessian: torch.Tensor, spec: CalibratedSpec,
+                          names: list[str], eig_cache: Optional[EighCache] = None) -> list[tuple[PackedLayer, float]]:
+    """`compress_with_hessian` for layers that read the same input (same `hessian`), in one go.
+
+    The GPTQ sweeps of all of them run stacked (`_stacked_gptq`): one under H, and for
+    GPTQ-intrinsic one more per distinct rank under the deflated Hessian.
+    """
+    checked = [_checked(w, spec, name) for w, name in zip(weights, names)]
+    ws = [w for w, _ in checked]
+    ranks = [r for _, r in checked]
     act_order = (spec.sparsity is None) if spec.act_order is None else spec.act_order
-    keep = wanda_mask(w, hessian, spec.sparsity) if spec.sparsity and spec.sparsity_criterion == "wanda" else None
-    kwargs = dict(sparsity=spec.sparsity, damp=spec.damp, act_order=act_order, keep=keep, scale_search=spec.scale_search)
-    left = right = None
-    if rank > 0 and spec.method == "intrinsic":
-        eig = eig_cache(hessian) if eig_cache is not None else None
-        result, left, right = intrinsic_lowrank(w, hessian, rank, spec.bits, spec.group_size, eig=eig, **kwargs)
-    else:
-        result = gptq(w, hessian, spec.bits, spec.group_size, **kwargs)
-        if rank > 0 and spec.method == "eora":
-            eig = eig_cache(hessian) if eig_cache is not None else None
+    keep = [wanda_mask(w, hessian, spec.sparsity) if spec.sparsity and spec.sparsity_criterion == "wanda" else None
+            for w in ws]
+    kwargs = dict(sparsity=spec.sparsity, act_order=act_order, scale_search=spec.scale_search)
+    plain = _stacked_gptq(ws, hessian, spec, damp=spec.damp, keep=keep, **kwargs)
+    deflated: dict[int, GPTQResult] = {}
+    eig = None
+    if spec.method == "intrinsic" and any(ranks):
+        eig = eig_cache(hessian) if eig_cache is not None else hessian_eigh(hessian)
+        for rank in sorted(set(r for r in ranks if r > 0)):
+            members = [i for i, r in enumerate(ranks) if r == rank]
+            results = _stacked_gptq([ws[i] for i in members], deflated_hessian(hessian, rank, spec.damp, eig), spec,
+                                    damp=0.0, keep=[keep[i] for i in members], **kwargs)
+            deflated.update(zip(members, results))
+    out = []
+    for i, (w, rank) in enumerate(zip(ws, ranks)):
+        result, left, right = plain[i], None, None
+        if rank > 0 and spec.method == "intrinsic":
+            result, left, right = better_intrinsic(w, hessian, rank, deflated[i], plain[i], spec.damp, eig)
+        elif rank > 0 and spec.method == "eora":
+            eig = eig if eig is not None else (eig_cache(hessian) if eig_cache is not None else None)
             left, right = whitened_lowrank(w - result.dequantized, hessian, rank, spec.damp, eig)
         elif rank > 0:
             u, s, vh = svd(w - result.dequantized)
             left, right = factors_from_svd(u, s, vh, rank)
+        out.append(_pack(w, hessian, spec, rank, result, left, right))
+    return out
+
+
+def _pack(w: torch.Tensor, hessian: torch.Tensor, spec: CalibratedSpec, rank: int, result: GPTQResult,
+          left: Optional[torch.Tensor], right: Optional[torch.Tensor]) -> tuple[PackedLayer, float]:
+    n, k = w.shape
     approx = result.dequantized
     if left is not None:
         left, right = left.to(torch.float16).contiguous(), right.to(torch.float16).contiguous()

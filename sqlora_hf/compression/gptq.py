@@ -32,6 +32,13 @@ class GPTQResult:
     keep: Optional[torch.Tensor]  # bool [N, K] or None
     dequantized: torch.Tensor  # float32 [N, K]: what the codes and scales represent (zeros where pruned)
 
+    def split_rows(self, sizes: list[int]) -> list["GPTQResult"]:
+        """The results of row blocks of `sizes` rows: GPTQ treats rows independently, so layers that
+        share a Hessian can be swept as one stacked matrix and split afterwards."""
+        parts = [t.split(sizes) if t is not None else [None] * len(sizes)
+                 for t in (self.codes, self.scales, self.keep, self.dequantized)]
+        return [GPTQResult(*(p.contiguous() if p is not None else None for p in fields)) for fields in zip(*parts)]
+
 
 def gram(x: torch.Tensor, block: int = 256) -> torch.Tensor:
     """`xᵀx` (float32 `[K, K]`) of `x` `[T, K]`, computing only the upper block triangle.
@@ -259,6 +266,36 @@ def wanda_mask(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str) -> to
     return nm_mask(weight, sparsity, score=score)
 
 
+def deflated_hessian(hessian: torch.Tensor, rank: int, damp: float, eig: Eigh) -> torch.Tensor:
+    """`H − V_r Λ_r V_rᵀ + damp·mean(diag H)·I`: what GPTQ sees in GPTQ-intrinsic LoRA.
+
+    The deflated Hessian is singular along V_r; it is damped relative to the *original* scale so
+    GPTQ still treats those directions as (nearly) free rather than ill-posed.
+    """
+    evals, vr = top_eigvecs(hessian, rank, eig)
+    deflated = hessian.to(torch.float32) - (vr * evals) @ vr.T
+    deflated = (deflated + deflated.T) / 2
+    mean = float(torch.diagonal(hessian).mean())
+    deflated += damp * mean * torch.eye(deflated.shape[0], dtype=deflated.dtype, device=deflated.device)
+    return deflated
+
+
+def better_intrinsic(weight: torch.Tensor, hessian: torch.Tensor, rank: int, deflated: GPTQResult,
+                     plain: GPTQResult, damp: float, eig: Eigh) -> tuple[GPTQResult, torch.Tensor, torch.Tensor]:
+    """Refit the optimal rank-r correction for both GPTQ results and keep the better layer.
+
+    The deflated objective is a bound, not the error itself: when the input spectrum is flat, Q
+    tuned to the full Hessian can end up better after the same optimal refit. Keeping the better
+    one makes the layer error never exceed "GPTQ, then the best correction".
+    """
+    w = weight.to(torch.float32)
+    left, right = whitened_lowrank(w - deflated.dequantized, hessian, rank, damp, eig)
+    pl, pr = whitened_lowrank(w - plain.dequantized, hessian, rank, damp, eig)
+    if output_error(w, plain.dequantized + pl @ pr, hessian) < output_error(w, deflated.dequantized + left @ right, hessian):
+        return plain, pl, pr
+    return deflated, left, right
+
+
 def intrinsic_lowrank(weight: torch.Tensor, hessian: torch.Tensor, rank: int, bits: int, group_size: int,
                       sparsity: Optional[str] = None, damp: float = 0.01, act_order: bool = False,
                       keep: Optional[torch.Tensor] = None, scale_search: bool = False,
@@ -269,26 +306,12 @@ def intrinsic_lowrank(weight: torch.Tensor, hessian: torch.Tensor, rank: int, bi
     removes the error of every input direction in span(V_r) exactly, whatever Q is. So Q only has to
     be good on the rest of the input space, i.e. under `H_r = H − V_r Λ_r V_rᵀ`: that is the Hessian
     GPTQ gets. Finally the correction is refitted optimally for the Q found (`whitened_lowrank`), which
-    can only lower the error further (it is the best rank-r term for that Q, the V_r choice included).
+    can only lower the error further (it is the best rank-r term for that Q, the V_r choice included),
+    and compared with plain GPTQ plus its own refit (`better_intrinsic`).
     """
     eig = eig if eig is not None else hessian_eigh(hessian)
-    evals, vr = top_eigvecs(hessian, rank, eig)
-    deflated = hessian.to(torch.float32) - (vr * evals) @ vr.T
-    deflated = (deflated + deflated.T) / 2
-    # The deflated Hessian is singular along V_r; damp it relative to the *original* scale so GPTQ
-    # still treats those directions as (nearly) free rather than ill-posed.
-    mean = float(torch.diagonal(hessian).mean())
-    deflated += damp * mean * torch.eye(deflated.shape[0], dtype=deflated.dtype, device=deflated.device)
     w = weight.to(torch.float32)
-    result = gptq(w, deflated, bits, group_size, sparsity=sparsity, damp=0.0, act_order=act_order, keep=keep,
-                  scale_search=scale_search)
-    left, right = whitened_lowrank(w - result.dequantized, hessian, rank, damp, eig)
-    # The deflated objective is a bound, not the error itself: when the input spectrum is flat, Q
-    # tuned to the full Hessian can end up better after the same optimal refit. Both are cheap, so
-    # keep the better one; the layer error is then never above "GPTQ, then the best correction".
-    plain = gptq(w, hessian, bits, group_size, sparsity=sparsity, damp=damp, act_order=act_order, keep=keep,
-                  scale_search=scale_search)
-    pl, pr = whitened_lowrank(w - plain.dequantized, hessian, rank, damp, eig)
-    if output_error(w, plain.dequantized + pl @ pr, hessian) < output_error(w, result.dequantized + left @ right, hessian):
-        return plain, pl, pr
-    return result, left, right
+    kwargs = dict(sparsity=sparsity, act_order=act_order, keep=keep, scale_search=scale_search)
+    deflated = gptq(w, deflated_hessian(hessian, rank, damp, eig), bits, group_size, damp=0.0, **kwargs)
+    plain = gptq(w, hessian, bits, group_size, damp=damp, **kwargs)
+    return better_intrinsic(w, hessian, rank, deflated, plain, damp, eig)
