@@ -289,3 +289,24 @@ def test_one_pass_groups_shared_input_linears_and_a_wrong_guess_changes_nothing(
     for name in alone:
         assert torch.equal(alone[name], wrong[name]), name
         assert (alone[name] == right[name]).float().mean() > 0.999, name
+
+
+def test_reusing_freed_memory_is_active_on_glibc_and_changes_no_result(tiny_model_dirs, monkeypatch):
+    import platform
+
+    from transformers import AutoModelForCausalLM
+
+    from sqlora_hf import allocator
+
+    if platform.libc_ver()[0] == "glibc":
+        assert allocator._glibc() is not None  # the speed-up must not be silently off where it applies
+    path, _ = tiny_model_dirs["llama"]
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(5))
+    codes = []
+    for env in ("1", "0"):
+        monkeypatch.setenv("SQLORA_REUSE_FREED_MEMORY", env)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        sqlora_hf.compress(model, SQLoRAConfig(bits=4, rank=2, calibration_samples=4, calibration_seq_len=32), calib)
+        codes.append([m.qcodes.clone() for m in model.modules() if isinstance(m, SQLoRALinear)])
+    assert allocator._glibc() is None  # the opt-out is honoured
+    assert len(codes[0]) == 14 and all(torch.equal(a, b) for a, b in zip(*codes))
