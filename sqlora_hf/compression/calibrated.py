@@ -58,18 +58,17 @@ def _checked(weight: torch.Tensor, spec: CalibratedSpec, name: str) -> tuple[tor
     return w, rank
 
 
-def _stacked_gptq(ws: list[torch.Tensor], hessian: torch.Tensor, spec: CalibratedSpec, **kwargs) -> list[GPTQResult]:
+def _stacked_gptq(ws: list[torch.Tensor], hessian: torch.Tensor, spec: CalibratedSpec,
+                  keep: list[Optional[torch.Tensor]], **kwargs) -> list[GPTQResult]:
     """GPTQ of several layers under one Hessian as one sweep over their stacked rows.
 
     GPTQ's rows are independent given H (the column order, the inverse-Hessian factor and every
     update are per row), so this equals one sweep per layer up to float rounding, and pays the
     Hessian factorisation and the per-column Python work once: q/k/v and gate/up each become one sweep.
     """
-    keep = kwargs.pop("keep")
     stacked_keep = torch.cat(keep) if keep[0] is not None else None
-    result = gptq(torch.cat(ws) if len(ws) > 1 else ws[0], hessian, spec.bits, spec.group_size, keep=stacked_keep,
-                  **kwargs)
-    return result.split_rows([w.shape[0] for w in ws]) if len(ws) > 1 else [result]
+    result = gptq(torch.cat(ws), hessian, spec.bits, spec.group_size, keep=stacked_keep, **kwargs)
+    return result.split_rows([w.shape[0] for w in ws])
 
 
 def compress_shared_input(weights: list[torch.Tensor], hessian: torch.Tensor, spec: CalibratedSpec,
@@ -86,15 +85,16 @@ def compress_shared_input(weights: list[torch.Tensor], hessian: torch.Tensor, sp
     keep = [wanda_mask(w, hessian, spec.sparsity) if spec.sparsity and spec.sparsity_criterion == "wanda" else None
             for w in ws]
     kwargs = dict(sparsity=spec.sparsity, act_order=act_order, scale_search=spec.scale_search)
-    plain = _stacked_gptq(ws, hessian, spec, damp=spec.damp, keep=keep, **kwargs)
-    deflated: dict[int, GPTQResult] = {}
+    plain = _stacked_gptq(ws, hessian, spec, keep, damp=spec.damp, **kwargs)
     eig = None
-    if spec.method == "intrinsic" and any(ranks):
+    if spec.method in ("intrinsic", "eora") and any(ranks):  # the low-rank fits of all layers share it
         eig = eig_cache(hessian) if eig_cache is not None else hessian_eigh(hessian)
+    deflated: dict[int, GPTQResult] = {}
+    if spec.method == "intrinsic":
         for rank in sorted(set(r for r in ranks if r > 0)):
             members = [i for i, r in enumerate(ranks) if r == rank]
             results = _stacked_gptq([ws[i] for i in members], deflated_hessian(hessian, rank, spec.damp, eig), spec,
-                                    damp=0.0, keep=[keep[i] for i in members], **kwargs)
+                                    [keep[i] for i in members], damp=0.0, **kwargs)
             deflated.update(zip(members, results))
     out = []
     for i, (w, rank) in enumerate(zip(ws, ranks)):
@@ -102,7 +102,6 @@ def compress_shared_input(weights: list[torch.Tensor], hessian: torch.Tensor, sp
         if rank > 0 and spec.method == "intrinsic":
             result, left, right = better_intrinsic(w, hessian, rank, deflated[i], plain[i], spec.damp, eig)
         elif rank > 0 and spec.method == "eora":
-            eig = eig if eig is not None else (eig_cache(hessian) if eig_cache is not None else None)
             left, right = whitened_lowrank(w - result.dequantized, hessian, rank, spec.damp, eig)
         elif rank > 0:
             u, s, vh = svd(w - result.dequantized)
