@@ -120,16 +120,72 @@ def apply_elastic_rank(model: nn.Module, config: SQLoRAConfig, converted: Sequen
 
 # Samples the calibrated planner runs through the fp model; its errors only need to rank candidates.
 PLAN_SAMPLES = 16
+# Samples of the forward + backward pass that weighs each layer's output error by the loss (about three
+# forwards' work per sample: 50 s for SmolLM2 at 16 × 512 on this machine). With 8 samples the 4.25 bpw
+# plan gave perplexity 14.85 instead of 14.79 (docs/calibrated.md), so the planner pays for 16.
+SENSITIVITY_SAMPLES = 16
+
+
+def has_language_model_loss(model: nn.Module) -> bool:
+    """Whether `model(ids, labels=ids)` is a next-token loss (a causal LM head), which the
+    sensitivity pass needs; encoders and bare base models are planned on relative errors."""
+    can_generate = getattr(model, "can_generate", None)
+    return bool(can_generate and can_generate()) and not getattr(model.config, "is_encoder_decoder", False)
+
+
+def output_sensitivity(model: nn.Module, input_ids: torch.Tensor, names: Sequence[str], chunk: int = 2
+                       ) -> dict[str, torch.Tensor]:
+    """{name: mean over tokens of (∂loss/∂y_n)²} for each listed Linear's output channels y_n.
+
+    The diagonal empirical Fisher of the next-token loss at each layer output: a perturbation δy of
+    that output raises the loss by about ½ Σ_n f_n δy_n², so `Σ_n f_n (E H Eᵀ)_nn` puts every layer's
+    output error in the same unit (loss), which the relative error `tr(E H Eᵀ) / tr(W H Wᵀ)` does
+    not: a 1 % error in a down projection and in a key projection cost the model very different
+    amounts. Only input gradients are computed (weights are frozen for the pass).
+    """
+    wanted = set(names)
+    sums: dict[str, torch.Tensor] = {}
+
+    def on_output(name: str):
+        def hook(_module, _args, out):
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                def on_grad(g: torch.Tensor) -> None:
+                    s = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0)
+                    sums[name] = s if name not in sums else sums[name].add_(s)
+                out.register_hook(on_grad)
+        return hook
+
+    handles = [mod.register_forward_hook(on_output(name)) for name, mod in model.named_modules() if name in wanted]
+    handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    device = next(model.parameters()).device
+    try:
+        with torch.enable_grad():
+            for start in hf_logging.tqdm(range(0, input_ids.shape[0], chunk), desc="sqlora: weighing layers by the loss",
+                                         unit="chunk"):
+                ids = input_ids[start:start + chunk].to(device)
+                model(ids, labels=ids, use_cache=False).loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    tokens = input_ids.numel()
+    return {name: s.div_(tokens) for name, s in sums.items()}
 
 
 def plan_calibrated_budget(model: nn.Module, config: SQLoRAConfig, input_ids: torch.Tensor, base, skip: list[str],
                            prefix: str, blocks: nn.ModuleList) -> dict:
     """{full module name: CalibratedSpec} so that the compressed model fits `config.memory_budget`.
 
-    One forward pass of the uncompressed model over the first `PLAN_SAMPLES` calibration samples,
-    block by block (hooks collect each Linear's Hessian and score its candidates, then the Hessian
-    is dropped), then the same Pareto front + exact knapsack as the data-free planner, on the
-    activation-weighted errors (`compression.planner.hessian_candidates`).
+    For a causal LM, first one forward + backward pass of the uncompressed model over the first
+    `SENSITIVITY_SAMPLES` samples (`output_sensitivity`), so each candidate's error is the loss it is
+    expected to cost; other models are planned on relative output errors. Then one forward pass over
+    the first `PLAN_SAMPLES` samples, block by block (hooks collect each Linear's Hessian and score its
+    candidates, then the Hessian is dropped), and the same Pareto front + exact knapsack as the
+    data-free planner (`compression.planner.hessian_candidates`, `solve_budget`).
     """
     from dataclasses import replace
 
@@ -142,6 +198,11 @@ def plan_calibrated_budget(model: nn.Module, config: SQLoRAConfig, input_ids: to
     names: list[str] = []
     fronts = []
     n_weights = 0
+    sensitivity: dict[str, torch.Tensor] = {}
+    if has_language_model_loss(model):
+        all_targets = [f"{prefix}.{i}.{name}" for i, block in enumerate(blocks)
+                       for name in _eligible(block, f"{prefix}.{i}", skip, config)]
+        sensitivity = output_sensitivity(model, input_ids[:SENSITIVITY_SAMPLES], all_targets)
     with torch.no_grad():
         inputs = _capture_inputs(model, blocks[0], ids, ids.shape[0])
         for index in hf_logging.tqdm(range(len(blocks)), desc="sqlora: planning the budget", unit="block"):
@@ -153,7 +214,8 @@ def plan_calibrated_budget(model: nn.Module, config: SQLoRAConfig, input_ids: to
                 if name not in hessians:
                     continue
                 weight = _dense_weight(mod)
-                cands = hessian_candidates(weight, hessians.pop(name), tiers, base.sparsity, base.rank)
+                cands = hessian_candidates(weight, hessians.pop(name), tiers, base.sparsity, base.rank,
+                                           sensitivity=sensitivity.get(f"{block_name}.{name}"))
                 if not cands:
                     raise ValueError(f"{block_name}.{name}: no tier in {tiers} can pack in_features={weight.shape[1]}")
                 names.append(f"{block_name}.{name}")

@@ -203,6 +203,52 @@ def test_calibrated_budget_hessian_errors_rank_like_the_output_error():
     assert cands[(4, 64, 0)].error < cands[(3, 64, 0)].error
 
 
+def test_sensitivity_weighted_errors_are_the_weighted_output_error():
+    """With per-output-channel loss sensitivities f the error is Σ_n f_n (E H Eᵀ)_nn, not a ratio."""
+    from sqlora_hf.compression.planner import hessian_candidates
+
+    w, h = _layer(12)
+    f = torch.rand(w.shape[0]) ** 4  # very unequal channel weights
+    cands = {(c.bits, c.group_size, c.rank): c
+             for c in hessian_candidates(w, h, [3, 4], None, 0, sample_every=1, sensitivity=f)}
+    codes, scales = quantize_groups(w, 3, 64)
+    e = (w - dequantize_groups(codes, scales, 3)).double()
+    expected = float((((e @ h.double()) * e).sum(1) * f.double()).sum())
+    assert abs(cands[(3, 64, 0)].error - expected) < 1e-5 * expected
+    # sampling every 4th row estimates the same total
+    sampled = {(c.bits, c.group_size, c.rank): c
+               for c in hessian_candidates(w, h, [3], None, 0, sample_every=4, sensitivity=torch.ones(w.shape[0]))}
+    full = float(((e @ h.double()) * e).sum())
+    assert 0.5 * full < sampled[(3, 64, 0)].error < 2.0 * full
+
+
+def test_output_sensitivity_is_the_squared_loss_gradient_at_each_layer_output(tiny_model_dirs):
+    from transformers import AutoModelForCausalLM, AutoModel
+
+    from sqlora_hf.budget import has_language_model_loss, output_sensitivity
+
+    path, _ = tiny_model_dirs["llama"]
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    name = "model.layers.1.mlp.down_proj"
+    sens = output_sensitivity(model, ids, [name, "model.layers.0.self_attn.k_proj"], chunk=2)
+    assert set(sens) == {name, "model.layers.0.self_attn.k_proj"}
+    assert all(p.requires_grad for p in model.parameters())  # restored after the pass
+    # reference: the gradient at that output, chunk by chunk, by plain autograd
+    outputs = []
+    handle = model.get_submodule(name).register_forward_hook(lambda _m, _a, out: outputs.append(out) or out.retain_grad())
+    expected = torch.zeros(model.get_submodule(name).out_features)
+    for start in (0, 2):
+        outputs.clear()
+        model(ids[start:start + 2], labels=ids[start:start + 2], use_cache=False).loss.backward()
+        expected += outputs[0].grad.pow(2).reshape(-1, expected.numel()).sum(0)
+    handle.remove()
+    torch.testing.assert_close(sens[name], expected / ids.numel(), rtol=1e-4, atol=1e-12)
+    assert has_language_model_loss(model)
+    bert_path, _ = tiny_model_dirs["bert"]
+    assert not has_language_model_loss(AutoModel.from_pretrained(bert_path))
+
+
 def test_impossible_calibrated_budget_is_a_clear_error(tiny_model_dirs):
     from transformers import AutoModelForCausalLM
 
