@@ -8,8 +8,8 @@ import torch
 
 from ..formats.layer import PackedLayer, layout_problem
 from ..formats.packing import pack_codes, pack_mask
-from .gptq import (EighCache, GPTQResult, better_intrinsic, deflated_hessian, gptq, hessian_eigh, output_error,
-                   wanda_mask, whitened_lowrank)
+from .gptq import (EighCache, GPTQResult, act_order_scales, better_intrinsic, deflated_hessian, gptq, hessian_eigh,
+                   output_error, wanda_mask, whitened_lowrank)
 from .lowrank import factors_from_svd, svd
 
 METHODS = ("intrinsic", "eora", "gptq")
@@ -59,7 +59,8 @@ def _checked(weight: torch.Tensor, spec: CalibratedSpec, name: str) -> tuple[tor
 
 
 def _stacked_gptq(ws: list[torch.Tensor], hessian: torch.Tensor, spec: CalibratedSpec,
-                  keep: list[Optional[torch.Tensor]], **kwargs) -> list[GPTQResult]:
+                  keep: list[Optional[torch.Tensor]], static: Optional[list[torch.Tensor]] = None,
+                  **kwargs) -> list[GPTQResult]:
     """GPTQ of several layers under one Hessian as one sweep over their stacked rows.
 
     GPTQ's rows are independent given H (the column order, the inverse-Hessian factor and every
@@ -67,7 +68,9 @@ def _stacked_gptq(ws: list[torch.Tensor], hessian: torch.Tensor, spec: Calibrate
     Hessian factorisation and the per-column Python work once: q/k/v and gate/up each become one sweep.
     """
     stacked_keep = torch.cat(keep) if keep[0] is not None else None
-    result = gptq(torch.cat(ws), hessian, spec.bits, spec.group_size, keep=stacked_keep, **kwargs)
+    static_scales = torch.cat(static) if static is not None else None
+    result = gptq(torch.cat(ws), hessian, spec.bits, spec.group_size, keep=stacked_keep,
+                  static_scales=static_scales, **kwargs)
     return result.split_rows([w.shape[0] for w in ws])
 
 
@@ -85,7 +88,10 @@ def compress_shared_input(weights: list[torch.Tensor], hessian: torch.Tensor, sp
     keep = [wanda_mask(w, hessian, spec.sparsity) if spec.sparsity and spec.sparsity_criterion == "wanda" else None
             for w in ws]
     kwargs = dict(sparsity=spec.sparsity, act_order=act_order, scale_search=spec.scale_search)
-    plain = _stacked_gptq(ws, hessian, spec, keep, damp=spec.damp, **kwargs)
+    static = None
+    if act_order and spec.method == "intrinsic" and any(ranks):  # both sweeps fix the same static scales
+        static = [act_order_scales(w, hessian, spec.bits, spec.group_size, spec.scale_search) for w in ws]
+    plain = _stacked_gptq(ws, hessian, spec, keep, static, damp=spec.damp, **kwargs)
     eig = None
     if spec.method in ("intrinsic", "eora") and any(ranks):  # the low-rank fits of all layers share it
         eig = eig_cache(hessian) if eig_cache is not None else hessian_eigh(hessian)
@@ -94,7 +100,8 @@ def compress_shared_input(weights: list[torch.Tensor], hessian: torch.Tensor, sp
         for rank in sorted(set(r for r in ranks if r > 0)):
             members = [i for i, r in enumerate(ranks) if r == rank]
             results = _stacked_gptq([ws[i] for i in members], deflated_hessian(hessian, rank, spec.damp, eig), spec,
-                                    [keep[i] for i in members], damp=0.0, **kwargs)
+                                    [keep[i] for i in members], [static[i] for i in members] if static else None,
+                                    damp=0.0, **kwargs)
             deflated.update(zip(members, results))
     out = []
     for i, (w, rank) in enumerate(zip(ws, ranks)):

@@ -96,6 +96,21 @@ def _group_scale(w: torch.Tensor, keep: Optional[torch.Tensor], bits: int) -> to
     return s.to(torch.float16)
 
 
+def act_order_scales(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
+                     scale_search: bool) -> torch.Tensor:
+    """The group scales of an act-order sweep, fixed up front (GPTQ's "static groups").
+
+    With a permuted column order a group's columns are no longer processed together, so its scale
+    comes from the original weights (inputs that never fire zeroed, as the sweep zeroes them).
+    """
+    w = weight.to(torch.float32).clone()
+    w[:, torch.diagonal(hessian) <= 0] = 0.0
+    n, k = w.shape
+    if scale_search:
+        return search_scales(w, bits, group_size)
+    return _group_scale(w.view(n, k // group_size, group_size), None, bits)
+
+
 def gptq(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -107,11 +122,14 @@ def gptq(
     block_size: int = 128,
     keep: Optional[torch.Tensor] = None,
     scale_search: bool = False,
+    static_scales: Optional[torch.Tensor] = None,
 ) -> GPTQResult:
     """Quantize `weight` `[N, K]` to minimise the output error under `hessian` `[K, K]`.
 
     With `sparsity`, the n:m mask is chosen inside the sweep (SparseGPT) unless a fixed `keep` mask
     (e.g. Wanda's) is given; pruned weights become exact zeros and their error is fed forward too.
+    With `act_order`, `static_scales` (from `act_order_scales`) saves recomputing the group scales
+    when the same weight is swept twice (GPTQ-intrinsic's plain and deflated sweeps).
     """
     if act_order and sparsity:
         raise ValueError("act_order cannot be combined with sparsity (the n:m blocks must stay in column order)")
@@ -126,13 +144,12 @@ def gptq(
     n_keep, m = PATTERNS[sparsity] if sparsity else (0, 1)
 
     perm = torch.arange(k, device=weight.device)
-    static_scales = None
+    if not act_order:
+        static_scales = None
     if act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True)
-        # With a permuted order a group's columns are no longer processed together, so its scale is
-        # fixed up front from the original weights (GPTQ's "static groups").
-        static_scales = (search_scales(w_full, bits, group_size) if scale_search and not sparsity
-                         else _group_scale(w_full.view(n, k // group_size, group_size), None, bits))
+        if static_scales is None:
+            static_scales = act_order_scales(weight, hessian, bits, group_size, scale_search)
         h = h[perm][:, perm]
     w = w_full[:, perm]
     hinv = _inverse_cholesky_upper(h)
@@ -251,11 +268,32 @@ def whitened_lowrank(residual: torch.Tensor, hessian: torch.Tensor, rank: int, d
     residual = residual.to(evals.dtype)
     root = evecs * evals.sqrt()  # H^{1/2} = V Λ^{1/2} Vᵀ; E V Λ^{1/2} has the same singular values
     inv_root_t = (evecs / evals.sqrt()).T  # Λ^{-1/2} Vᵀ
-    u, s, vh = torch.linalg.svd(residual @ root, full_matrices=False)
-    sq = s[:rank].sqrt()
-    left = u[:, :rank] * sq
-    right = (sq.unsqueeze(1) * vh[:rank]) @ inv_root_t
+    u, s, vh = _top_singular_triplets(residual @ root, rank)
+    sq = s.sqrt()
+    left = u * sq
+    right = (sq.unsqueeze(1) * vh) @ inv_root_t
     return left.to(torch.float32), right.to(torch.float32)
+
+
+def _top_singular_triplets(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U_r, S_r, V_rᵀ) of `m`, largest first, from the eigen-decomposition of its smaller Gram matrix
+    in float64: only `rank` (≤ 32) triplets are needed, and this is 2–4x cheaper than a full SVD of a
+    1536 × 576 matrix. Directions whose singular value is ~0 are dropped to zero (they add nothing)."""
+    m64 = m.to(torch.float64)
+    n, k = m64.shape
+    small = m64.T @ m64 if k <= n else m64 @ m64.T
+    evals, evecs = torch.linalg.eigh(small)
+    evals, evecs = evals.flip(0)[:rank].clamp_min(0), evecs.flip(1)[:, :rank]
+    s = evals.sqrt()
+    floor = 1e-12 * float(s[0]) if s.numel() else 0.0
+    inv = torch.where(s > floor, 1.0 / s.clamp_min(floor + 1e-300), torch.zeros_like(s))
+    if k <= n:
+        v = evecs
+        u = (m64 @ v) * inv
+    else:
+        u = evecs
+        v = (m64.T @ u) * inv
+    return u.to(m.dtype), s.to(m.dtype), v.T.to(m.dtype)
 
 
 def wanda_mask(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str) -> torch.Tensor:
@@ -312,6 +350,8 @@ def intrinsic_lowrank(weight: torch.Tensor, hessian: torch.Tensor, rank: int, bi
     eig = eig if eig is not None else hessian_eigh(hessian)
     w = weight.to(torch.float32)
     kwargs = dict(sparsity=sparsity, act_order=act_order, keep=keep, scale_search=scale_search)
+    if act_order:  # both sweeps fix the same static scales
+        kwargs["static_scales"] = act_order_scales(w, hessian, bits, group_size, scale_search)
     deflated = gptq(w, deflated_hessian(hessian, rank, damp, eig), bits, group_size, damp=0.0, **kwargs)
     plain = gptq(w, hessian, bits, group_size, damp=damp, **kwargs)
     return better_intrinsic(w, hessian, rank, deflated, plain, damp, eig)
