@@ -121,9 +121,10 @@ def apply_elastic_rank(model: nn.Module, config: SQLoRAConfig, converted: Sequen
 # Samples the calibrated planner runs through the fp model; its errors only need to rank candidates.
 PLAN_SAMPLES = 16
 # Samples of the forward + backward pass that weighs each layer's output error by the loss (about three
-# forwards' work per sample: 50 s for SmolLM2 at 16 × 512 on this machine). With 8 samples the 4.25 bpw
-# plan gave perplexity 14.85 instead of 14.79 (docs/calibrated.md), so the planner pays for 16.
-SENSITIVITY_SAMPLES = 16
+# forwards' work per sample) and, when they fit, collects the Hessians the candidates are scored on.
+# SmolLM2, 4.25 / 3.0 bpw: 16 samples gave 1.057x / 1.682x, 8 gave 1.061x / 1.703x (within the
+# plan-to-plan spread of ~0.5 %) in half the time (26 s against 50 s), so the planner uses 8.
+SENSITIVITY_SAMPLES = 8
 
 
 def has_language_model_loss(model: nn.Module) -> bool:
@@ -133,8 +134,8 @@ def has_language_model_loss(model: nn.Module) -> bool:
     return bool(can_generate and can_generate()) and not getattr(model.config, "is_encoder_decoder", False)
 
 
-def output_sensitivity(model: nn.Module, input_ids: torch.Tensor, names: Sequence[str], chunk: int = 2
-                       ) -> dict[str, torch.Tensor]:
+def output_sensitivity(model: nn.Module, input_ids: torch.Tensor, names: Sequence[str], chunk: int = 2,
+                       hessians: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
     """{name: mean over tokens of (∂loss/∂y_n)²} for each listed Linear's output channels y_n.
 
     The diagonal empirical Fisher of the next-token loss at each layer output: a perturbation δy of
@@ -142,12 +143,31 @@ def output_sensitivity(model: nn.Module, input_ids: torch.Tensor, names: Sequenc
     output error in the same unit (loss), which the relative error `tr(E H Eᵀ) / tr(W H Wᵀ)` does
     not: a 1 % error in a down projection and in a key projection cost the model very different
     amounts. Only input gradients are computed (weights are frozen for the pass).
+
+    With `hessians` (a dict to fill) the same forward also collects each layer's `H = XᵀX / T`, so
+    the planner needs no second pass; Linears reading one tensor (q/k/v) share one H object.
     """
+    from .sequential import _SharedGram
+
     wanted = set(names)
     sums: dict[str, torch.Tensor] = {}
+    shared = _SharedGram()
+    owner: dict[int, str] = {}  # id(H object) -> the first name that accumulates it this chunk
+
+    def on_input(name: str, x: torch.Tensor) -> None:
+        h = shared(x)
+        first = owner.setdefault(id(h), name)
+        if first != name:  # a sibling already added this tensor's Gram: share its accumulator
+            hessians[name] = hessians[first]
+        elif name not in hessians:
+            hessians[name] = h.clone()
+        else:
+            hessians[name].add_(h)
 
     def on_output(name: str):
-        def hook(_module, _args, out):
+        def hook(_module, args, out):
+            if hessians is not None:
+                on_input(name, args[0])
             if isinstance(out, torch.Tensor) and out.requires_grad:
                 def on_grad(g: torch.Tensor) -> None:
                     s = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0)
@@ -167,25 +187,45 @@ def output_sensitivity(model: nn.Module, input_ids: torch.Tensor, names: Sequenc
                                          unit="chunk"):
                 ids = input_ids[start:start + chunk].to(device)
                 model(ids, labels=ids, use_cache=False).loss.backward()
+                shared.clear()
+                owner.clear()
     finally:
         for h in handles:
             h.remove()
         for p, flag in frozen:
             p.requires_grad_(flag)
     tokens = input_ids.numel()
+    if hessians is not None:
+        for h in {id(h): h for h in hessians.values()}.values():
+            h.div_(tokens)
     return {name: s.div_(tokens) for name, s in sums.items()}
+
+
+def hessians_fit(blocks: nn.ModuleList, share: float = 0.125) -> bool:
+    """Whether every Linear's `K × K` Hessian of the model (one per distinct input width and block,
+    counted generously as one per Linear) fits `share` of free memory, so the sensitivity pass can
+    collect them all at once."""
+    from transformers.pytorch_utils import Conv1D
+
+    from .sequential import _available_bytes, _dense_weight
+
+    need = sum(4 * _dense_weight(m).shape[1] ** 2 for block in blocks for m in block.modules()
+               if isinstance(m, (nn.Linear, Conv1D)))
+    return need <= share * _available_bytes()
 
 
 def plan_calibrated_budget(model: nn.Module, config: SQLoRAConfig, input_ids: torch.Tensor, base, skip: list[str],
                            prefix: str, blocks: nn.ModuleList) -> dict:
     """{full module name: CalibratedSpec} so that the compressed model fits `config.memory_budget`.
 
-    For a causal LM, first one forward + backward pass of the uncompressed model over the first
+    For a causal LM: one forward + backward pass of the uncompressed model over the first
     `SENSITIVITY_SAMPLES` samples (`output_sensitivity`), so each candidate's error is the loss it is
-    expected to cost; other models are planned on relative output errors. Then one forward pass over
-    the first `PLAN_SAMPLES` samples, block by block (hooks collect each Linear's Hessian and score its
-    candidates, then the Hessian is dropped), and the same Pareto front + exact knapsack as the
-    data-free planner (`compression.planner.hessian_candidates`, `solve_budget`).
+    expected to cost, and which also collects every Linear's Hessian when they all fit in memory
+    (`hessians_fit`). Otherwise (other models, or Hessians too big to hold at once) one forward pass
+    over the first `PLAN_SAMPLES` samples, block by block, collects a block's Hessians, scores its
+    candidates and drops them; without a sensitivity pass the errors are relative output errors.
+    Then the same Pareto front + exact knapsack as the data-free planner
+    (`compression.planner.hessian_candidates`, `solve_budget`).
     """
     from dataclasses import replace
 
@@ -194,33 +234,43 @@ def plan_calibrated_budget(model: nn.Module, config: SQLoRAConfig, input_ids: to
 
     budget = parse_budget(config.memory_budget)
     tiers = sorted({*config.tiers, config.bits})
-    ids = input_ids[:PLAN_SAMPLES]
     names: list[str] = []
     fronts = []
     n_weights = 0
+    per_block = [(f"{prefix}.{i}", _eligible(block, f"{prefix}.{i}", skip, config)) for i, block in enumerate(blocks)]
+
+    def score(block_name: str, targets: dict[str, nn.Module], hessians: dict[str, torch.Tensor]) -> None:
+        nonlocal n_weights
+        for name, mod in targets.items():
+            if name not in hessians:
+                continue
+            weight = _dense_weight(mod)
+            cands = hessian_candidates(weight, hessians.pop(name), tiers, base.sparsity, base.rank,
+                                       sensitivity=sensitivity.get(f"{block_name}.{name}"))
+            if not cands:
+                raise ValueError(f"{block_name}.{name}: no tier in {tiers} can pack in_features={weight.shape[1]}")
+            names.append(f"{block_name}.{name}")
+            fronts.append(pareto_front(cands))
+            n_weights += weight.numel()
+
     sensitivity: dict[str, torch.Tensor] = {}
     if has_language_model_loss(model):
-        all_targets = [f"{prefix}.{i}.{name}" for i, block in enumerate(blocks)
-                       for name in _eligible(block, f"{prefix}.{i}", skip, config)]
-        sensitivity = output_sensitivity(model, input_ids[:SENSITIVITY_SAMPLES], all_targets)
-    with torch.no_grad():
-        inputs = _capture_inputs(model, blocks[0], ids, ids.shape[0])
-        for index in hf_logging.tqdm(range(len(blocks)), desc="sqlora: planning the budget", unit="block"):
-            block = blocks[index]
-            block_name = f"{prefix}.{index}"
-            targets = _eligible(block, block_name, skip, config)
-            hessians, inputs = collect_hessians(block, inputs, targets)
-            for name, mod in targets.items():
-                if name not in hessians:
-                    continue
-                weight = _dense_weight(mod)
-                cands = hessian_candidates(weight, hessians.pop(name), tiers, base.sparsity, base.rank,
-                                           sensitivity=sensitivity.get(f"{block_name}.{name}"))
-                if not cands:
-                    raise ValueError(f"{block_name}.{name}: no tier in {tiers} can pack in_features={weight.shape[1]}")
-                names.append(f"{block_name}.{name}")
-                fronts.append(pareto_front(cands))
-                n_weights += weight.numel()
+        all_targets = [f"{block_name}.{name}" for block_name, targets in per_block for name in targets]
+        # One forward + backward gives the sensitivities, and (when they fit) every Hessian too.
+        collected: Optional[dict[str, torch.Tensor]] = {} if hessians_fit(blocks) else None
+        sensitivity = output_sensitivity(model, input_ids[:SENSITIVITY_SAMPLES], all_targets, hessians=collected)
+        if collected is not None:
+            for block_name, targets in hf_logging.tqdm(per_block, desc="sqlora: planning the budget", unit="block"):
+                score(block_name, targets, {name: collected.pop(f"{block_name}.{name}") for name in targets
+                                            if f"{block_name}.{name}" in collected})
+    if not names:  # no sensitivity pass, or its Hessians would not fit: one forward block by block
+        ids = input_ids[:PLAN_SAMPLES]
+        with torch.no_grad():
+            inputs = _capture_inputs(model, blocks[0], ids, ids.shape[0])
+            for index in hf_logging.tqdm(range(len(blocks)), desc="sqlora: planning the budget", unit="block"):
+                block_name, targets = per_block[index]
+                hessians, inputs = collect_hessians(blocks[index], inputs, targets)
+                score(block_name, targets, hessians)
     fixed = fixed_bytes(model, names)
     layer_budget = budget.layer_bytes(n_weights, fixed)
     least = sum(f[0].nbytes for f in fronts)

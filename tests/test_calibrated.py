@@ -173,9 +173,15 @@ def test_dataset_with_text_column_works(tiny_model_dirs, tmp_path):
     assert model.config.quantization_config.to_dict()["calibration"]["source"].startswith("datasets.Dataset")
 
 
-@pytest.mark.parametrize("budget", ["3.0bpw", "4.25bpw"])
-def test_calibrated_budget_is_met_and_mixes_configurations(tiny_model_dirs, budget):
+@pytest.mark.parametrize("budget, hessians_fit", [("3.0bpw", True), ("4.25bpw", True), ("4.25bpw", False)])
+def test_calibrated_budget_is_met_and_mixes_configurations(tiny_model_dirs, budget, hessians_fit, monkeypatch):
+    """Both planning paths: Hessians from the sensitivity pass, or (when they would not all fit in
+    memory) from a separate block-by-block pass."""
     from transformers import AutoModelForCausalLM
+
+    import sqlora_hf.budget
+
+    monkeypatch.setattr(sqlora_hf.budget, "hessians_fit", lambda blocks: hessians_fit)
 
     path, _ = tiny_model_dirs["llama"]
     torch.manual_seed(0)
@@ -247,6 +253,29 @@ def test_output_sensitivity_is_the_squared_loss_gradient_at_each_layer_output(ti
     assert has_language_model_loss(model)
     bert_path, _ = tiny_model_dirs["bert"]
     assert not has_language_model_loss(AutoModel.from_pretrained(bert_path))
+
+
+def test_sensitivity_pass_collects_the_same_hessians_as_the_block_pass(tiny_model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    from sqlora_hf.budget import output_sensitivity
+    from sqlora_hf.sequential import _capture_inputs, _eligible, collect_hessians, find_blocks
+
+    path, _ = tiny_model_dirs["llama"]
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    prefix, blocks = find_blocks(model)
+    per_block = [(f"{prefix}.{i}", _eligible(b, f"{prefix}.{i}", [], SQLoRAConfig())) for i, b in enumerate(blocks)]
+    collected = {}
+    output_sensitivity(model, ids, [f"{bn}.{n}" for bn, t in per_block for n in t], chunk=2, hessians=collected)
+    with torch.no_grad():
+        inputs = _capture_inputs(model, blocks[0], ids, 4)
+        for (block_name, targets), block in zip(per_block, blocks):
+            reference, inputs = collect_hessians(block, inputs, targets)
+            for name, h in reference.items():
+                torch.testing.assert_close(collected[f"{block_name}.{name}"], h, rtol=1e-4, atol=1e-6)
+    q, k = collected[f"{prefix}.0.self_attn.q_proj"], collected[f"{prefix}.0.self_attn.k_proj"]
+    assert q is k  # siblings reading one tensor share one accumulator
 
 
 def test_impossible_calibrated_budget_is_a_clear_error(tiny_model_dirs):
