@@ -275,8 +275,8 @@ def hessian_candidates(weight: "torch.Tensor", hessian: "torch.Tensor", tiers: S
     `budget.output_sensitivity`) the error is instead `Σ_n f_n (E H Eᵀ)_nn`, about twice the loss a
     candidate is expected to add, so errors of different layers are in one unit: summing relative
     errors treats a 1 % error in a layer the loss barely feels like a 1 % error in one it feels
-    strongly. Measured on SmolLM2 (docs/calibrated.md): 1.069x → 1.057x perplexity at 4.25 bpw,
-    2.48x → 1.68x at 3.0 bpw.
+    strongly. Measured on SmolLM2 (docs/calibrated.md): 2.48x → 1.68–1.71x perplexity at 3.0 bpw;
+    at 4.25 bpw 1.069x → 1.057–1.062x, inside the plan-to-plan spread.
 
     A rank-r correction is credited with the *smaller* of two shares of the bulk (4-bit) residual:
     its top r whitened singular values² (`_whitened_energy`: the output error it removes on the
@@ -301,10 +301,10 @@ def hessian_candidates(weight: "torch.Tensor", hessian: "torch.Tensor", tiers: S
     rows = slice(None, None, sample_every)
     ws, ks = w[rows], (keep[rows] if keep is not None else None)
     if sensitivity is None:
-        row_weight = torch.ones(ws.shape[0])
+        row_weight = torch.ones(ws.shape[0], device=w.device)
         norm = float(((ws @ h) * ws).sum()) or 1.0
     else:
-        row_weight = sensitivity.to(torch.float32)[rows]
+        row_weight = sensitivity.to(device=w.device, dtype=torch.float32)[rows]
         norm = 1.0 / sample_every
     stored = compact(ws, ks) if ks is not None else ws
     quant_err: dict[tuple[int, int], float] = {}
@@ -333,7 +333,7 @@ def hessian_candidates(weight: "torch.Tensor", hessian: "torch.Tensor", tiers: S
         plain = top_singular_values(e, max(ranks)).double() ** 2
         plain_total = float((e.double() ** 2).sum()) or 1.0
         if sensitivity is not None:  # the correction's gain on the sensitivity-weighted output error
-            e = e * sensitivity.to(torch.float32).clamp_min(0).sqrt()[:, None]
+            e = e * sensitivity.to(device=w.device, dtype=torch.float32).clamp_min(0).sqrt()[:, None]
         whitened = _whitened_energy(e, h, max(ranks))
         whitened_total = float(((e @ h) * e).sum()) or 1.0
         for r in ranks:
