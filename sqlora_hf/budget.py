@@ -152,17 +152,18 @@ def output_sensitivity(model: nn.Module, input_ids: torch.Tensor, names: Sequenc
     wanted = set(names)
     sums: dict[str, torch.Tensor] = {}
     shared = _SharedGram()
-    owner: dict[int, str] = {}  # id(H object) -> the first name that accumulates it this chunk
+    last: list = [None, None]  # the Gram last accumulated, and the name whose accumulator took it
 
     def on_input(name: str, x: torch.Tensor) -> None:
         h = shared(x)
-        first = owner.setdefault(id(h), name)
-        if first != name:  # a sibling already added this tensor's Gram: share its accumulator
-            hessians[name] = hessians[first]
-        elif name not in hessians:
-            hessians[name] = h.clone()
-        else:
+        if h is last[0]:  # a sibling reading the same tensor already added it: share its accumulator
+            hessians[name] = hessians[last[1]]
+            return
+        last[:] = [h, name]
+        if name in hessians:
             hessians[name].add_(h)
+        else:
+            hessians[name] = h.clone()
 
     def on_output(name: str):
         def hook(_module, args, out):
@@ -188,7 +189,7 @@ def output_sensitivity(model: nn.Module, input_ids: torch.Tensor, names: Sequenc
                 ids = input_ids[start:start + chunk].to(device)
                 model(ids, labels=ids, use_cache=False).loss.backward()
                 shared.clear()
-                owner.clear()
+                last[:] = [None, None]
     finally:
         for h in handles:
             h.remove()
@@ -254,16 +255,17 @@ def plan_calibrated_budget(model: nn.Module, config: SQLoRAConfig, input_ids: to
             n_weights += weight.numel()
 
     sensitivity: dict[str, torch.Tensor] = {}
+    collected: Optional[dict[str, torch.Tensor]] = None
     if has_language_model_loss(model):
         all_targets = [f"{block_name}.{name}" for block_name, targets in per_block for name in targets]
         # One forward + backward gives the sensitivities, and (when they fit) every Hessian too.
-        collected: Optional[dict[str, torch.Tensor]] = {} if hessians_fit(blocks) else None
+        collected = {} if hessians_fit(blocks) else None
         sensitivity = output_sensitivity(model, input_ids[:SENSITIVITY_SAMPLES], all_targets, hessians=collected)
-        if collected is not None:
-            for block_name, targets in hf_logging.tqdm(per_block, desc="sqlora: planning the budget", unit="block"):
-                score(block_name, targets, {name: collected.pop(f"{block_name}.{name}") for name in targets
-                                            if f"{block_name}.{name}" in collected})
-    if not names:  # no sensitivity pass, or its Hessians would not fit: one forward block by block
+    if collected is not None:
+        for block_name, targets in hf_logging.tqdm(per_block, desc="sqlora: planning the budget", unit="block"):
+            score(block_name, targets, {name: collected.pop(f"{block_name}.{name}") for name in targets
+                                        if f"{block_name}.{name}" in collected})
+    else:  # no sensitivity pass, or its Hessians would not all fit: one forward block by block
         ids = input_ids[:PLAN_SAMPLES]
         with torch.no_grad():
             inputs = _capture_inputs(model, blocks[0], ids, ids.shape[0])

@@ -276,6 +276,7 @@ def test_sensitivity_pass_collects_the_same_hessians_as_the_block_pass(tiny_mode
                 torch.testing.assert_close(collected[f"{block_name}.{name}"], h, rtol=1e-4, atol=1e-6)
     q, k = collected[f"{prefix}.0.self_attn.q_proj"], collected[f"{prefix}.0.self_attn.k_proj"]
     assert q is k  # siblings reading one tensor share one accumulator
+    assert collected[f"{prefix}.0.mlp.gate_proj"] is not q and collected[f"{prefix}.1.self_attn.q_proj"] is not q
 
 
 def test_impossible_calibrated_budget_is_a_clear_error(tiny_model_dirs):

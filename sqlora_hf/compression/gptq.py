@@ -144,13 +144,13 @@ def gptq(
     n_keep, m = PATTERNS[sparsity] if sparsity else (0, 1)
 
     perm = torch.arange(k, device=weight.device)
-    if not act_order:
-        static_scales = None
     if act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True)
         if static_scales is None:
             static_scales = act_order_scales(weight, hessian, bits, group_size, scale_search)
         h = h[perm][:, perm]
+    else:
+        static_scales = None
     w = w_full[:, perm]
     hinv = _inverse_cholesky_upper(h)
 
