@@ -3,7 +3,9 @@
 Per layer shape and batch, weights are rotated through more memory than the cache holds (as a
 model's layers would be), with 1 and 2 threads; the bandwidth roofline (a streaming read of the same
 rotation set) is measured in the same run, so every ratio is side by side. Timings on a shared
-machine are noisy: read the ratios, not the absolute numbers.
+machine are noisy: every configuration of one shape, batch and thread count is timed once per
+repetition, interleaved, and each ratio is the median of the per-repetition ratios; read the
+ratios, not the absolute numbers.
 
     python benchmarks/kernels.py [--quick] [--json PATH] [--no-e2e]
     python benchmarks/kernels.py --device cuda ...   # delegates to benchmarks/kernels_cuda.py
@@ -44,7 +46,9 @@ def random_packed(n: int, k: int, bits: int, group: int, sparsity, gen: torch.Ge
 
 
 def packed_bytes(p: dict) -> int:
-    return p["codes"].numel() + 2 * p["scales"].numel() + (0 if p["mask"] is None else p["mask"].numel())
+    """Bytes a call reads: codes, scales (fp32 in memory: the layer's kernel cache widens the stored fp16
+    once), mask."""
+    return p["codes"].numel() + 4 * p["scales"].numel() + (0 if p["mask"] is None else p["mask"].numel())
 
 
 def time_rotating(fn, items: list, reps: int) -> float:
@@ -63,10 +67,30 @@ def copies_for(nbytes: int, rotate_bytes: int) -> int:
     return max(2, -(-rotate_bytes // nbytes))
 
 
-def bench_layers(args) -> list[dict]:
-    from sqlora_hf.kernels.cpu import library
+def time_interleaved(calls: dict, reps: int) -> dict:
+    """Seconds per call of every entry of `calls` ({name: (fn, items)}), repetition by repetition.
 
-    op = torch.ops.sqlora_cpu.linear
+    Each repetition times one call of every entry back to back (each on its next cold item), so a
+    burst of a neighbour's load or of host CPU steal hits all entries of that repetition alike; ratios
+    are then taken per repetition (`median_ratio`)."""
+    for fn, items in calls.values():
+        fn(items[0])
+    times = {name: [] for name in calls}
+    for r in range(reps):
+        for name, (fn, items) in calls.items():
+            item = items[(r + 1) % len(items)]
+            t0 = time.perf_counter()
+            fn(item)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median_ratio(num: list, den: list) -> float:
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def bench_layers(args) -> list[dict]:
+    from sqlora_hf.kernels.cpu import library, ops
     gen = torch.Generator().manual_seed(0)
     rows = []
     shapes = SHAPES[:2] if args.quick else SHAPES
@@ -80,7 +104,12 @@ def bench_layers(args) -> list[dict]:
             one = random_packed(n, k, *fmt, gen)
             packs[fmt] = [one] + [random_packed(n, k, *fmt, gen)
                                   for _ in range(copies_for(packed_bytes(one), args.rotate_mb << 20) - 1)]
-        stream = torch.empty((args.rotate_mb << 20) // 4)
+            for p in packs[fmt]:
+                p["described"] = ops.describe(p["codes"], p["scales"], p["mask"], p["lut"], None, None, None,
+                                              n, k, p["bits"], p["group"], p["sparsity"])
+        # written memory: the pages of a never-touched torch.empty all map the kernel's zero page, and a
+        # sum over them measures the cache, not DRAM
+        stream = torch.ones((args.rotate_mb << 20) // 4)
         for threads in args.threads:
             torch.set_num_threads(threads)
             os.environ["SQLORA_CPU_THREADS"] = str(threads)
@@ -89,34 +118,43 @@ def bench_layers(args) -> list[dict]:
             for m in batches:
                 x = torch.randn(m, k, generator=gen)
                 xb = x.to(torch.bfloat16)
-                t32 = time_rotating(lambda w: F.linear(x, w), w32, reps)
-                t16 = time_rotating(lambda w: F.linear(xb, w), w16, reps)
+                calls = {"fp32": (lambda w: F.linear(x, w), w32), "bf16": (lambda w: F.linear(xb, w), w16)}
                 for fmt, items in packs.items():
-                    def call(p):
-                        return op(x, p["codes"], p["scales"], p["mask"], p["lut"], None, None, None,
-                                  p["n"], p["bits"], p["group"], p["sparsity"])
                     variants = [("", None)]
-                    if args.int_act and m == 1 and fmt[2] is None:
-                        variants.append((" int-act", "1"))
+                    if args.int_act and m == 1 and fmt[2] is None and fmt[0] == 4:
+                        variants += [(" int-act12", "1"), (" int-act8", "8")]
                     for suffix, flag in variants:
-                        if flag:
-                            os.environ["SQLORA_CPU_INT_ACT"] = flag
-                        try:
-                            tq = time_rotating(call, items, reps)
-                        finally:
-                            os.environ.pop("SQLORA_CPU_INT_ACT", None)
-                        record(rows, n, k, m, threads, fmt, suffix, tq, items, roof_gbs, t32, t16, library)
+                        def call(p, flag=flag):
+                            # what SQLoRALinear's eager forward runs: the layer described once (its
+                            # kernel cache), then one C call; torch.ops.sqlora_cpu.linear re-validates
+                            # every buffer per call (~50 µs), which only tracing and torch.compile pay
+                            if flag:
+                                os.environ["SQLORA_CPU_INT_ACT"] = flag
+                            try:
+                                return ops.run_flat(p["described"], x)
+                            finally:
+                                os.environ.pop("SQLORA_CPU_INT_ACT", None)
+                        calls[(fmt, suffix)] = (call, items)
+                times = time_interleaved(calls, reps)
+                for key, (_, items) in calls.items():
+                    if key in ("fp32", "bf16"):
+                        continue
+                    record(rows, n, k, m, threads, key[0], key[1], times[key], items, roof_gbs, times["fp32"],
+                           times["bf16"], library)
         del w32, w16, packs, stream
     return rows
 
 
 def record(rows, n, k, m, threads, fmt, suffix, tq, items, roof_gbs, t32, t16, library) -> None:
+    """One table row; `tq`, `t32`, `t16`: per-repetition seconds from `time_interleaved`."""
     nbytes = packed_bytes(items[0])
+    ms = statistics.median(tq)
     rows.append(dict(
         shape=f"{n}x{k}", batch=m, threads=threads, format=f"{fmt[0]}-bit g{fmt[1]} {fmt[2] or 'dense'}{suffix}",
-        isa=library.selected_isa(), ms=tq * 1e3, gbs=nbytes / tq / 1e9,
-        roofline_gbs=roof_gbs, roofline_frac=(nbytes / tq / 1e9) / roof_gbs,
-        fp32_ms=t32 * 1e3, bf16_ms=t16 * 1e3, vs_fp32=t32 / tq, vs_bf16=t16 / tq,
+        isa=library.selected_isa(), ms=ms * 1e3, gbs=nbytes / ms / 1e9,
+        roofline_gbs=roof_gbs, roofline_frac=(nbytes / ms / 1e9) / roof_gbs,
+        fp32_ms=statistics.median(t32) * 1e3, bf16_ms=statistics.median(t16) * 1e3,
+        vs_fp32=median_ratio(t32, tq), vs_bf16=median_ratio(t16, tq),
     ))
     r = rows[-1]
     print(f"{r['shape']:>11} M={m:<3} t={threads} {r['format']:<26} {r['ms']:8.2f} ms "
@@ -149,7 +187,8 @@ def bench_decode(args) -> dict:
                                                  quantization_config=SQLoRAConfig(backend="cpu", head_bits=8)).eval()
     runs = [("fp32", fp32, None), ("sqlora-cpu", packed, None), ("sqlora-cpu-head8", head8, None)]
     if args.int_act:
-        runs += [("sqlora-cpu-int-act", packed, "1"), ("sqlora-cpu-head8-int-act", head8, "1")]
+        runs += [("sqlora-cpu-int-act", packed, "1"), ("sqlora-cpu-head8-int-act", head8, "1"),
+                 ("sqlora-cpu-int-act8", packed, "8"), ("sqlora-cpu-head8-int-act8", head8, "8")]
     gen_kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     times = {label: [] for label, _, _ in runs}
     cpu_times = {label: [] for label, _, _ in runs}
@@ -186,12 +225,12 @@ def bench_decode(args) -> dict:
 
 
 def int_act_perplexity(args) -> dict:
-    """Perplexity cost of the opt-in integer-activation path (SQLORA_CPU_INT_ACT=1) on SmolLM2-135M.
+    """Perplexity cost of the opt-in integer-activation paths (SQLORA_CPU_INT_ACT=1 and =8) on SmolLM2-135M.
 
     That path only runs at batch 1, so perplexity is measured by teacher-forced token-by-token decoding
     (KV cache, one token per call) over `--ppl-windows` windows of `--ppl-context` tokens of
     `reference_text()`, for the same compressed model (default SQLoRAConfig, backend "cpu") with the
-    exact path and with the integer path, and for the fp32 model with the same procedure.
+    exact path and with each integer path, and for the fp32 model with the same procedure.
     """
     import math
 
@@ -229,17 +268,19 @@ def int_act_perplexity(args) -> dict:
                                                  quantization_config=SQLoRAConfig(backend="cpu")).eval()
     old = os.environ.pop("SQLORA_CPU_INT_ACT", None)
     out["sqlora_exact"] = stepwise_ppl(model)
-    os.environ["SQLORA_CPU_INT_ACT"] = "1"
     try:
-        out["sqlora_int_act"] = stepwise_ppl(model)
+        for key, flag in (("sqlora_int_act", "1"), ("sqlora_int_act8", "8")):
+            os.environ["SQLORA_CPU_INT_ACT"] = flag
+            out[key] = stepwise_ppl(model)
     finally:
         os.environ.pop("SQLORA_CPU_INT_ACT")
         if old is not None:
             os.environ["SQLORA_CPU_INT_ACT"] = old
     out["tokens"] = n_win * (ctx - 1)
     print(f"step-wise perplexity over {out['tokens']} tokens: fp32 {out['fp32']:.4f}, compressed exact "
-          f"{out['sqlora_exact']:.4f}, compressed + integer activations {out['sqlora_int_act']:.4f} "
-          f"(x{out['sqlora_int_act'] / out['sqlora_exact']:.4f} of exact)", flush=True)
+          f"{out['sqlora_exact']:.4f}, + 12-bit activations {out['sqlora_int_act']:.4f} "
+          f"(x{out['sqlora_int_act'] / out['sqlora_exact']:.4f} of exact), + 8-bit activations "
+          f"{out['sqlora_int_act8']:.4f} (x{out['sqlora_int_act8'] / out['sqlora_exact']:.4f})", flush=True)
     return out
 
 
@@ -257,9 +298,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-layers", action="store_true", help="skip the per-layer benchmark")
     parser.add_argument("--no-e2e", action="store_true", help="skip the SmolLM2 decode benchmark")
     parser.add_argument("--int-act", action="store_true",
-                        help="also time the opt-in integer-activation path (SQLORA_CPU_INT_ACT=1) at batch 1 and in decode")
+                        help="also time the opt-in integer-activation paths (SQLORA_CPU_INT_ACT=1, =8) at batch 1 and in decode")
     parser.add_argument("--int-act-ppl", action="store_true",
-                        help="measure the perplexity cost of SQLORA_CPU_INT_ACT=1 on SmolLM2 (token by token; slow)")
+                        help="measure the perplexity cost of SQLORA_CPU_INT_ACT=1 and =8 on SmolLM2 (token by token; slow)")
     parser.add_argument("--ppl-context", type=int, default=256)
     parser.add_argument("--ppl-windows", type=int, default=2)
     args, rest = parser.parse_known_args(argv)

@@ -8,6 +8,8 @@ import torch
 
 from sqlora_hf import kernels
 from sqlora_hf.compression.compress import CompressionSpec, compress_weight
+from sqlora_hf.formats.codebooks import nf_table
+from sqlora_hf.formats.packing import unpack_codes
 from sqlora_hf.kernels.cpu import library
 from sqlora_hf.nn.linear import SQLoRALinear
 
@@ -196,3 +198,35 @@ def test_integer_activation_path_is_opt_in_and_close(monkeypatch, group):
     monkeypatch.setenv("SQLORA_CPU_INT_ACT", "yes")
     with pytest.raises(ValueError, match="SQLORA_CPU_INT_ACT"):
         run(module, x, "cpu")
+
+
+@pytest.mark.skipif("avx2" not in ISAS, reason="the integer-activation path is x86 AVX2/AVX-512 only")
+@pytest.mark.parametrize("group,K", [(32, 384), (64, 448), (128, 384), (256, 768)])  # 448: odd chunk count
+def test_int8_activation_path_matches_its_own_arithmetic(monkeypatch, group, K):
+    """SQLORA_CPU_INT_ACT=8: x as int8 per 32 columns, table on a 129-step grid. The kernel must equal the
+    same arithmetic written in torch (so it is the intended approximation, not a bug hiding in the
+    tolerance), and stay within 2e-2 of the exact output (~0.5-1 % here)."""
+    module = make_layer(45, K, 4, group, None, rank=3, bias=True)
+    x = torch.randn(1, K) * torch.linspace(0.1, 3.0, K)  # blocks of different ranges
+    ref = run(module, x, "reference")
+    monkeypatch.setenv("SQLORA_CPU_ISA", "avx2")
+    monkeypatch.setenv("SQLORA_CPU_INT_ACT", "8")
+    got = run(module, x, "cpu")
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 2e-2, rel
+
+    # the same approximation in torch (fp32 where the kernel rounds, so the same values round the same
+    # way; C's round-half-away-from-zero): int8 x per 32 columns, table levels round(64 c / max|c|) / 64
+    def round_away(q: torch.Tensor) -> torch.Tensor:
+        return torch.where(q < 0, q - 0.5, q + 0.5).trunc()
+
+    packed = module.packed()
+    lut = nf_table(4, torch.float32, torch.device("cpu"))
+    amax = lut.abs().max()
+    levels = round_away(lut * (64.0 / amax)).double() * (amax / 64.0).double()
+    w = levels[unpack_codes(packed.qcodes, 4, K).long()] * packed.qscales.double().repeat_interleave(group, dim=1)
+    xb = x.view(-1, 32)
+    xa = xb.abs().amax(dim=1, keepdim=True)
+    xq = (round_away(xb * (127.0 / xa)).double() * (xa / 127.0).double()).view(1, K)
+    want = xq @ w.T + (x.double() @ packed.lowrank_r.double().T) @ packed.lowrank_l.double().T + module.bias.double()
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())

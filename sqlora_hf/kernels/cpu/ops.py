@@ -36,13 +36,18 @@ def num_threads() -> int:
 
 
 def act_flags() -> int:
-    """`SQLORA_CPU_INT_ACT=1`: the opt-in integer-activation batch-1 path (not exact; docs/kernels_cpu.md)."""
+    """`SQLORA_CPU_INT_ACT`: the opt-in integer-activation batch-1 paths for 4-bit dense layers (not exact;
+    docs/kernels_cpu.md). `0` (default): exact fp32. `1` or `12`: x as 12-bit integers per 64 columns and
+    14-bit table values (perplexity cost nil on SmolLM2). `8`: x as int8 per 32 columns and int8 table
+    levels, multiplied with vpmaddubsw (the fastest; its perplexity cost is in docs/kernels_cpu.md)."""
     env = os.environ.get("SQLORA_CPU_INT_ACT")
     if not env or env == "0":
         return 0
-    if env == "1":
+    if env in ("1", "12"):
         return 1
-    raise ValueError(f"SQLORA_CPU_INT_ACT must be 0 or 1, got {env!r}")
+    if env == "8":
+        return 2
+    raise ValueError(f"SQLORA_CPU_INT_ACT must be 0, 1 (= 12) or 8, got {env!r}")
 
 
 def _row_bytes(n_stored: int, bits: int) -> int:
