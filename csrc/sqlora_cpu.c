@@ -115,6 +115,47 @@ static float dot_scalar(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+/* Integer activations (the opt-in SQ_FLAG_INT8_ACT paths; x86 AVX2 and aarch64 dotprod share these).
+ * x is quantized per 32 columns to int8 in [-127, 127] (absmax, one fp32 scale per block) and the 16
+ * table values to levels m = round(64 c / max|c|) in [-64, 64]. */
+#define SQ_X8_MAX 127.0f
+#define SQ_L8_MAX 64.0f
+
+/* x -> int8 per 32-block; xs[b] = the block's scale, xsum[b] = the sum of its int8 values. Layout:
+ * natural order, or (`interleave`, AVX2) per 64 columns [0..15 | 32..47] [16..31 | 48..63]: the order
+ * in which one 32-byte load of two blocks' codes splits into low and high nibbles. */
+static void quantize_x_int8(const float *x, int64_t K, int interleave, int8_t *xq, float *xs, int32_t *xsum) {
+    for (int64_t b = 0; b < K / 32; b++) {
+        const float *xb = x + 32 * b;
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++) { float a = xb[i] < 0 ? -xb[i] : xb[i]; if (a > amax) amax = a; }
+        const float inv = amax > 0 ? SQ_X8_MAX / amax : 0.0f;
+        xs[b] = amax / SQ_X8_MAX;
+        int8_t *dst = interleave ? xq + 64 * (b / 2) + 16 * (b & 1) : xq + 32 * b;
+        int32_t sum = 0;
+        for (int i = 0; i < 32; i++) {
+            float q = xb[i] * inv;
+            q = q > SQ_X8_MAX ? SQ_X8_MAX : q < -SQ_X8_MAX ? -SQ_X8_MAX : q;
+            const int8_t v = (int8_t)(q < 0 ? q - 0.5f : q + 0.5f);
+            dst[interleave ? (i < 16 ? 0 : 32) + (i & 15) : i] = v;
+            sum += v;
+        }
+        xsum[b] = sum;
+    }
+}
+
+/* levels m of a 16-entry table; returns the factor that turns m back into a table value */
+static float int8_levels(const float *lut, int8_t m[16]) {
+    float amax = 0.0f;
+    for (int e = 0; e < 16; e++) { float a = lut[e] < 0 ? -lut[e] : lut[e]; if (a > amax) amax = a; }
+    const float inv = amax > 0 ? SQ_L8_MAX / amax : 0.0f;
+    for (int e = 0; e < 16; e++) {
+        const float q = lut[e] * inv;
+        m[e] = (int8_t)(q < 0 ? q - 0.5f : q + 0.5f);
+    }
+    return amax / SQ_L8_MAX;
+}
+
 /* ---------------------------------------------------------------------------------------------- */
 /* x86: AVX2 + FMA and AVX-512                                                                    */
 
@@ -572,46 +613,8 @@ T_AVX2 static int gemv4_int_avx2(int n_threads, const float *x, int64_t N, int64
  *   - the offset is removed once per block: sum(m x) = sum(u x) - 64 sum(x), and 64 sum(x) times the
  *     block's scale is computed per call (`corr`), so a row pays one scalar FMA per weight group.
  * Per 64 weights: 1 load, 2 vpshufb, 2 vpmaddubsw, 2 vpmaddwd, 1 add, 1 conversion, 1 FMA, against 8
- * vpshufb + 16 unpacks for the exact lookup. x is laid out per 64 columns as [0..15 | 32..47]
- * [16..31 | 48..63], the order in which one 32-byte load of two blocks' codes splits into low and
- * high nibbles, so lane 0 of every vector is block A and lane 1 block B. */
-#define SQ_X8_MAX 127.0f
-#define SQ_L8_MAX 64.0f
-
-static void quantize_x_int8(const float *x, int64_t K, int8_t *xq, float *xs, int32_t *xsum) {
-    for (int64_t b = 0; b < K / 32; b++) {
-        const float *xb = x + 32 * b;
-        float amax = 0.0f;
-        for (int i = 0; i < 32; i++) { float a = xb[i] < 0 ? -xb[i] : xb[i]; if (a > amax) amax = a; }
-        const float inv = amax > 0 ? SQ_X8_MAX / amax : 0.0f;
-        xs[b] = amax / SQ_X8_MAX;
-        /* block b is lane (b & 1) of chunk b / 2: its columns 0..15 go to the chunk's first vector,
-         * 16..31 to the second */
-        int8_t *dst = xq + 64 * (b / 2) + 16 * (b & 1);
-        int32_t sum = 0;
-        for (int i = 0; i < 32; i++) {
-            float q = xb[i] * inv;
-            q = q > SQ_X8_MAX ? SQ_X8_MAX : q < -SQ_X8_MAX ? -SQ_X8_MAX : q;
-            const int8_t v = (int8_t)(q < 0 ? q - 0.5f : q + 0.5f);
-            dst[(i < 16 ? 0 : 32) + (i & 15)] = v;
-            sum += v;
-        }
-        xsum[b] = sum;
-    }
-}
-
-/* unsigned levels u = m + 64 of a 16-entry table, and the factor that turns m back into a table value */
-static float int8_levels(const float *lut, uint8_t u[16]) {
-    float amax = 0.0f;
-    for (int e = 0; e < 16; e++) { float a = lut[e] < 0 ? -lut[e] : lut[e]; if (a > amax) amax = a; }
-    const float inv = amax > 0 ? SQ_L8_MAX / amax : 0.0f;
-    for (int e = 0; e < 16; e++) {
-        const float q = lut[e] * inv;
-        u[e] = (uint8_t)((int)(q < 0 ? q - 0.5f : q + 0.5f) + (int)SQ_L8_MAX);
-    }
-    return amax / SQ_L8_MAX;
-}
-
+ * vpshufb + 16 unpacks for the exact lookup. x is interleaved (`quantize_x_int8`) so lane 0 of every
+ * vector is block A of a 64-column chunk and lane 1 block B. */
 /* one 64-column chunk: 8 int32 partial sums of u x, lanes 0-3 block A, 4-7 block B */
 T_AVX2 static inline __m256i chunk_dot_int8_avx2(const uint8_t *src, const int8_t *xq, __m256i table, __m256i m4,
                                                  __m256i ones) {
@@ -662,8 +665,10 @@ T_AVX2 static float row_dot4_int8_avx2(const uint8_t *row, const float *scales, 
 T_AVX2 static int gemv4_int8_avx2(int n_threads, const float *x, int64_t N, int64_t K, int group,
                                   const uint8_t *codes, const float *scales, const float *lut,
                                   const float *t, const float *L, int64_t rank, const float *bias, float *y) {
+    int8_t m[16];
     uint8_t u[16];
-    const float lscale = int8_levels(lut, u);
+    const float lscale = int8_levels(lut, m);
+    for (int e = 0; e < 16; e++) u[e] = (uint8_t)(m[e] + (int)SQ_L8_MAX); /* unsigned: see above */
     const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)u));
     /* one buffer: xq (K bytes), then per 32-block its scale, sum(x) and offset, then the chunk scale
      * vectors (8 floats per 64 columns) */
@@ -673,7 +678,7 @@ T_AVX2 static int gemv4_int8_avx2(int n_threads, const float *x, int64_t N, int6
     float *xs = (float *)(void *)(xq + K); /* K is a multiple of 64: 4-byte aligned */
     int32_t *xsum = (int32_t *)(void *)(xs + nb);
     float *corr = (float *)(void *)(xsum + nb), *xsv = corr + nb;
-    quantize_x_int8(x, K, xq, xs, xsum);
+    quantize_x_int8(x, K, 1, xq, xs, xsum);
     for (int64_t b = 0; b < nb; b++) { xs[b] *= lscale; corr[b] = xs[b] * SQ_L8_MAX * (float)xsum[b]; }
     for (int64_t c = 0; c < K / 64; c++)
         for (int i = 0; i < 4; i++) { xsv[8 * c + i] = xs[2 * c]; xsv[8 * c + 4 + i] = xs[2 * c + 1]; }
@@ -719,7 +724,8 @@ T_AVX512 static float row_dot4_avx512(const uint8_t *row, const float *lut, cons
 
 
 /* ---------------------------------------------------------------------------------------------- */
-/* aarch64: NEON (dotprod has no separate exact-fp32 kernel: int8 dot products need int8 activations) */
+/* aarch64: NEON (dotprod has no separate exact-fp32 kernel: int8 dot products need int8 activations,
+ * which only the opt-in SQ_FLAG_INT8_ACT path uses) */
 
 #ifdef SQ_ARM
 static float dot_neon(const float *a, const float *b, int64_t n) {
@@ -785,6 +791,54 @@ static void decode_row_neon(const uint8_t *row, int bits, const float *lut, cons
 
 __attribute__((target("arch=armv8.2-a+dotprod")))
 static float dot_dotprod(const float *a, const float *b, int64_t n) { return dot_neon(a, b, n); }
+
+/* Opt-in 8-bit-activation batch-1 path on dotprod CPUs (SQ_FLAG_INT8_ACT), 4-bit dense: the same
+ * approximation as the AVX2 one (same x blocks, same levels, so both give the same integer sums), with
+ * signed levels looked up by one vqtbl1q per 16 codes and 16 products per sdot. */
+__attribute__((target("arch=armv8.2-a+dotprod")))
+static float row_dot4_int8_dotprod(const uint8_t *row, const float *scales, int group, int64_t K,
+                                   const int8_t *xq, const float *xs, int8x16_t table) {
+    const uint8x16_t m4 = vdupq_n_u8(15);
+    float32x4_t tot = vdupq_n_f32(0);
+    const int64_t bpg = group / 32;
+    for (int64_t g = 0, b = 0; g < K / group; g++) {
+        float32x4_t a = vdupq_n_f32(0);
+        for (const int64_t e = b + bpg; b < e; b++) {
+            const uint8x16_t v = vld1q_u8(row + 16 * b);
+            const int8x16_t wl = vqtbl1q_s8(table, vandq_u8(v, m4)), wh = vqtbl1q_s8(table, vshrq_n_u8(v, 4));
+            int32x4_t acc = vdotq_s32(vdupq_n_s32(0), wl, vld1q_s8(xq + 32 * b));
+            acc = vdotq_s32(acc, wh, vld1q_s8(xq + 32 * b + 16));
+            a = vfmaq_n_f32(a, vcvtq_f32_s32(acc), xs[b]);
+        }
+        tot = vfmaq_n_f32(tot, a, scales[g]);
+    }
+    return vaddvq_f32(tot);
+}
+
+static int gemv4_int8_dotprod(int n_threads, const float *x, int64_t N, int64_t K, int group,
+                              const uint8_t *codes, const float *scales, const float *lut,
+                              const float *t, const float *L, int64_t rank, const float *bias, float *y) {
+    int8_t m[16];
+    const float lscale = int8_levels(lut, m);
+    const int8x16_t table = vld1q_s8(m);
+    const int64_t nb = K / 32;
+    int8_t *xq = (int8_t *)malloc((size_t)K + sizeof(float) * (size_t)(2 * nb + 1));
+    if (!xq) return SQ_ENOMEM;
+    float *xs = (float *)(void *)(xq + K); /* K is a multiple of 32: 4-byte aligned */
+    int32_t *xsum = (int32_t *)(void *)(xs + nb);
+    quantize_x_int8(x, K, 0, xq, xs, xsum);
+    for (int64_t b = 0; b < nb; b++) xs[b] *= lscale;
+    const int64_t spr = K / group;
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int64_t n = 0; n < N; n++) {
+        float acc = row_dot4_int8_dotprod(codes + n * (K / 2), scales + n * spr, group, K, xq, xs, table);
+        if (bias) acc += bias[n];
+        if (rank > 0) acc += dot_neon(t, L + n * rank, rank);
+        y[n] = acc;
+    }
+    free(xq);
+    return SQ_OK;
+}
 #endif
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -966,6 +1020,13 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
     }
     /* Small layers: an OpenMP fork/join costs more than it saves (SmolLM2's 576-wide layers). */
     if (M * N * K < ((int64_t)1 << 19)) n_threads = 1;
+#ifdef SQ_ARM
+    if ((flags & SQ_FLAG_INT8_ACT) && M == 1 && bits == 4 && !sparsity && isa == ISA_DOTPROD) {
+        int rc = gemv4_int8_dotprod(n_threads, x, N, K, group, codes, scales, lut, t, L, rank, bias, y);
+        free(t);
+        return rc;
+    }
+#endif
 #ifdef SQ_X86
     if ((flags & (SQ_FLAG_INT_ACT | SQ_FLAG_INT8_ACT)) && M == 1 && bits == 4 && !sparsity && K % 64 == 0 &&
         (isa == ISA_AVX2 || isa == ISA_AVX512)) {

@@ -59,6 +59,52 @@ static int check_case(int isa, int bits, int group, int sparsity, int64_t M, int
     return ok;
 }
 
+/* The opt-in 8-bit-activation path (AVX2 or dotprod) against the same arithmetic in plain C (int8 x per
+ * 32 columns, table levels, fp32 scales; the integer sums are exact, so only float summation order may
+ * differ: < 1e-5), and against the exact scalar path (the approximation: < 2e-2). */
+static int check_int8_case(int isa, int group, int64_t N, int64_t K, int threads) {
+    uint8_t *codes = malloc(N * K / 2);
+    float *scales = malloc(sizeof(float) * N * (K / group)), lut[16], *x = malloc(sizeof(float) * K);
+    float *y0 = malloc(sizeof(float) * N), *y1 = malloc(sizeof(float) * N), *bias = malloc(sizeof(float) * N);
+    for (int64_t i = 0; i < N * K / 2; i++) codes[i] = (uint8_t)next_u32();
+    for (int64_t i = 0; i < N * (K / group); i++) scales[i] = 0.01f + 0.1f * fabsf(next_f());
+    for (int i = 0; i < 16; i++) lut[i] = next_f();
+    for (int64_t i = 0; i < K; i++) x[i] = next_f() * (1.0f + (float)(i % 97) / 10.0f);
+    for (int64_t i = 0; i < N; i++) bias[i] = next_f();
+    int rc0 = sqlora_cpu_linear(ISA_SCALAR, 1, x, 1, N, K, 4, group, 0, codes, N * K / 2, scales, N * (K / group), NULL, 0,
+                                lut, 16, NULL, NULL, 0, 0, 0, bias, N, y0);
+    int rc1 = linear_impl(isa, SQ_FLAG_INT8_ACT, threads, x, 1, N, K, 4, group, 0, codes, N * K / 2, scales,
+                          N * (K / group), NULL, 0, lut, 16, NULL, NULL, 0, 0, 0, bias, N, y1);
+    int8_t m[16], *xq = malloc(K);
+    float *xs = malloc(sizeof(float) * (K / 32));
+    int32_t *xsum = malloc(sizeof(int32_t) * (K / 32));
+    const float lscale = int8_levels(lut, m);
+    quantize_x_int8(x, K, 0, xq, xs, xsum);
+    double num_a = 0, num_e = 0, den = 0;
+    for (int64_t n = 0; n < N; n++) {
+        double want = bias[n];
+        for (int64_t b = 0; b < K / 32; b++) {
+            int32_t isum = 0;
+            for (int i = 0; i < 32; i++) {
+                const int64_t k = 32 * b + i;
+                const uint8_t byte = codes[n * (K / 2) + 16 * b + (i & 15)];
+                isum += m[i < 16 ? byte & 15 : byte >> 4] * xq[k];
+            }
+            want += (double)isum * xs[b] * lscale * scales[n * (K / group) + (32 * b) / group];
+        }
+        num_a += (y1[n] - want) * (y1[n] - want);
+        num_e += (y1[n] - (double)y0[n]) * (y1[n] - (double)y0[n]);
+        den += want * want;
+    }
+    const double rel_a = sqrt(num_a / den), rel_e = sqrt(num_e / den);
+    int ok = rc0 == 0 && rc1 == 0 && rel_a < 1e-5 && rel_e < 2e-2 && rel_e > 0;
+    if (!ok)
+        printf("FAIL int8-activation path isa=%d g=%d N=%lld K=%lld rc=%d/%d rel(own arithmetic)=%.3g rel(exact)=%.3g\n",
+               isa, group, (long long)N, (long long)K, rc0, rc1, rel_a, rel_e);
+    free(codes); free(scales); free(x); free(y0); free(y1); free(bias); free(xq); free(xs); free(xsum);
+    return ok;
+}
+
 int main(void) {
     static const int bits_list[] = {2, 3, 4, 8};
     static const int groups[] = {32, 64, 128, 256};
@@ -84,6 +130,15 @@ int main(void) {
                 checks++;
                 failures += !check_case(isa, 4, 64, sp, m, 301, 2048, m == 1 ? 3 : 0, 1);
             }
+        /* the 8-bit-activation path exists on AVX2/AVX-512 and dotprod; elsewhere the flag is ignored */
+        if (isa == ISA_AVX2 || isa == ISA_AVX512 || isa == ISA_DOTPROD) {
+            static const int igroups[] = {32, 64, 128, 256};
+            for (int gi = 0; gi < 4; gi++) {
+                checks += 2;
+                failures += !check_int8_case(isa, igroups[gi], 45, igroups[gi] == 256 ? 768 : igroups[gi] == 128 ? 384 : 448, 1);
+                failures += !check_int8_case(isa, igroups[gi], 301, 2048, 2);
+            }
+        }
         printf("isa %d: checked\n", isa);
     }
 #if defined(__x86_64__)

@@ -38,8 +38,9 @@ def num_threads() -> int:
 def act_flags() -> int:
     """`SQLORA_CPU_INT_ACT`: the opt-in integer-activation batch-1 paths for 4-bit dense layers (not exact;
     docs/kernels_cpu.md). `0` (default): exact fp32. `1` or `12`: x as 12-bit integers per 64 columns and
-    14-bit table values (perplexity cost nil on SmolLM2). `8`: x as int8 per 32 columns and int8 table
-    levels, multiplied with vpmaddubsw (the fastest; its perplexity cost is in docs/kernels_cpu.md)."""
+    14-bit table values (x86 only; perplexity cost nil on SmolLM2). `8`: x as int8 per 32 columns and
+    int8 table levels, multiplied with vpmaddubsw on x86 and sdot on aarch64 dotprod CPUs (the fastest;
+    +1.15 % perplexity on SmolLM2, docs/kernels_cpu.md). Other ISAs and cases keep the exact path."""
     env = os.environ.get("SQLORA_CPU_INT_ACT")
     if not env or env == "0":
         return 0
