@@ -121,7 +121,7 @@ static float dot_scalar(const float *a, const float *b, int64_t n) {
 #define SQ_X8_MAX 127.0f
 #define SQ_L8_MAX 64.0f
 
-/* x -> int8 per 32-block; xs[b] = the block's scale, xsum[b] = the sum of its int8 values. Layout:
+/* x -> int8 per 32-block; xs[b] = the block's scale, xsum[b] (unless NULL) = the sum of its int8 values. Layout:
  * natural order, or (`interleave`, AVX2) per 64 columns [0..15 | 32..47] [16..31 | 48..63]: the order
  * in which one 32-byte load of two blocks' codes splits into low and high nibbles. */
 static void quantize_x_int8(const float *x, int64_t K, int interleave, int8_t *xq, float *xs, int32_t *xsum) {
@@ -140,7 +140,7 @@ static void quantize_x_int8(const float *x, int64_t K, int interleave, int8_t *x
             dst[interleave ? (i < 16 ? 0 : 32) + (i & 15) : i] = v;
             sum += v;
         }
-        xsum[b] = sum;
+        if (xsum) xsum[b] = sum;
     }
 }
 
@@ -603,11 +603,9 @@ T_AVX2 static int gemv4_int_avx2(int n_threads, const float *x, int64_t N, int64
 
 /* Opt-in 8-bit-activation batch-1 path (SQ_FLAG_INT8_ACT; Python: SQLORA_CPU_INT_ACT=8), 4-bit dense.
  * NOT exact, and coarser than the 12-bit path above, in exchange for the cheapest inner loop AVX2 has:
- *   - x is quantized per 32 columns to int8 in [-127, 127] (symmetric absmax, one fp32 scale per
- *     block, as llama.cpp's Q8_0);
- *   - the 16 table values become levels m = round(64 c / max|c|) in [-64, 64] (a 129-step grid; the
- *     rounding moves a weight by at most 1/128 of its group's scale), stored offset by 64 as unsigned
- *     bytes u = m + 64 in [0, 128];
+ *   - x and the table as in `quantize_x_int8` / `int8_levels` (int8 x per 32 columns, as llama.cpp's
+ *     Q8_0; levels m on a 129-step grid, which moves a weight by at most 1/128 of its group's scale),
+ *     the levels stored offset by 64 as unsigned bytes u = m + 64 in [0, 128];
  *   - vpmaddubsw multiplies 32 (u, x) byte pairs and adds neighbours: |u x + u' x'| <= 2 * 128 * 127
  *     < 2^15, so it never saturates, and because u >= 0 no sign fix-up is needed;
  *   - the offset is removed once per block: sum(m x) = sum(u x) - 64 sum(x), and 64 sum(x) times the
@@ -822,11 +820,10 @@ static int gemv4_int8_dotprod(int n_threads, const float *x, int64_t N, int64_t 
     const float lscale = int8_levels(lut, m);
     const int8x16_t table = vld1q_s8(m);
     const int64_t nb = K / 32;
-    int8_t *xq = (int8_t *)malloc((size_t)K + sizeof(float) * (size_t)(2 * nb + 1));
+    int8_t *xq = (int8_t *)malloc((size_t)K + sizeof(float) * (size_t)nb);
     if (!xq) return SQ_ENOMEM;
     float *xs = (float *)(void *)(xq + K); /* K is a multiple of 32: 4-byte aligned */
-    int32_t *xsum = (int32_t *)(void *)(xs + nb);
-    quantize_x_int8(x, K, 0, xq, xs, xsum);
+    quantize_x_int8(x, K, 0, xq, xs, NULL); /* signed levels: no offset to remove */
     for (int64_t b = 0; b < nb; b++) xs[b] *= lscale;
     const int64_t spr = K / group;
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
