@@ -18,6 +18,7 @@ the first 90 % of tokens for training, the last 10 % held out.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -143,6 +144,41 @@ def prepare(cache: str) -> tuple[str, str]:
     return fp_dir, q_dir
 
 
+def prepare_calibrated(cache: str, fp_dir: str, fields_json: str, samples: int = 128, seq_len: int = 512) -> str:
+    """A calibrated compression of SmolLM2 (`SQLoRAConfig(**fields)` + `sqlora_hf.compress`), written once.
+
+    Calibration text: `calibration_texts()` (the standard library's docstrings), disjoint from the
+    training and held-out text. The directory name is a hash of the fields, so each base is made once.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import sqlora_hf
+    from sqlora_hf.evaluation import calibration_texts
+
+    fields = json.loads(fields_json)
+    if not isinstance(fields, dict):
+        raise SystemExit(f"--calibrated must be a JSON object of SQLoRAConfig fields, got {fields_json!r}")
+    key = hashlib.sha1(json.dumps([fields, samples, seq_len], sort_keys=True).encode()).hexdigest()[:10]
+    q_dir = os.path.join(cache, f"smollm2-135m-sqlora-calibrated-{key}")
+    if not os.path.exists(os.path.join(q_dir, "config.json")):
+        config = sqlora_hf.SQLoRAConfig(**fields)
+        config.calibration_samples, config.calibration_seq_len = samples, seq_len
+        print(f"compressing SmolLM2 with {fields} and {samples} x {seq_len} calibration tokens into {q_dir} ...",
+              flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(fp_dir)
+        model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32)
+        start = time.perf_counter()
+        sqlora_hf.compress(model, config, calibration_texts(), tokenizer=tokenizer)
+        seconds = time.perf_counter() - start
+        model.save_pretrained(q_dir)
+        tokenizer.save_pretrained(q_dir)
+        with open(os.path.join(q_dir, "sqlora_benchmark_base.json"), "w") as f:
+            json.dump({"fields": fields, "samples": samples, "seq_len": seq_len, "seconds": seconds,
+                       "bits_per_weight": sqlora_hf.report(model)["bits_per_weight"]}, f, indent=2)
+    return q_dir
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per configuration (default 5)")
@@ -160,6 +196,10 @@ def main() -> None:
     parser.add_argument("--compressed-dir", default=None,
                         help="an existing sqlora checkpoint to fine-tune instead of the cached default "
                              "SQLoRAConfig() one (e.g. a calibrated compression saved with save_pretrained)")
+    parser.add_argument("--calibrated", default=None, metavar="JSON",
+                        help="compressed run: first compress SmolLM2 with calibration (128 x 512 tokens of the "
+                             "standard library's docstrings) and these SQLoRAConfig fields, e.g. "
+                             "'{\"rank\": 16, \"memory_budget\": null, \"head_bits\": 8}'; cached under --cache")
     parser.add_argument("--init-from-correction", action="store_true",
                         help="compressed run: start each adapter from the layer's own low-rank correction "
                              "(LoftQ-style; the fp32 run keeps PEFT's zero-initialised adapter)")
@@ -176,6 +216,10 @@ def main() -> None:
         return
 
     fp_dir, q_dir = prepare(args.cache)
+    if args.calibrated and args.compressed_dir:
+        sys.exit("give --calibrated or --compressed-dir, not both")
+    if args.calibrated:
+        q_dir = prepare_calibrated(args.cache, fp_dir, args.calibrated)
     q_dir = args.compressed_dir or q_dir
     results = []
     for label, directory in (("fp32", fp_dir), ("compressed", q_dir)):

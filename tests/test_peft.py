@@ -143,6 +143,24 @@ def test_backward_through_compressed_layer_is_exact_and_keeps_no_dense_weight(co
     assert all(not t.requires_grad for t in layer.buffers())
 
 
+@pytest.mark.parametrize("label", ["dense", "4:8"])
+def test_backward_in_row_slices_equals_one_piece(compressed_dirs, label, monkeypatch):
+    """A layer larger than the backward's piece size (a packed output head) is dequantized in row slices."""
+    from sqlora_hf.nn import linear as linear_mod
+
+    layer = _load(compressed_dirs[label]).model.layers[0].mlp.up_proj  # 128 -> 256
+    x = torch.randn(5, layer.in_features)
+    grads = []
+    for chunk in (1 << 30, 3 * layer.in_features, 1):  # one piece; 3-row slices (uneven: 256 = 85·3 + 1); 1 row
+        monkeypatch.setattr(linear_mod, "BACKWARD_CHUNK_ELEMENTS", chunk)
+        xg = x.clone().requires_grad_(True)
+        layer(xg).backward(torch.ones(5, layer.out_features))
+        grads.append(xg.grad)
+    w = layer.dequantize()
+    assert _rel(grads[0], torch.ones(5, layer.out_features) @ w) < 1e-5
+    assert _rel(grads[1], grads[0]) < 1e-6 and _rel(grads[2], grads[0]) < 1e-6
+
+
 # ---- training ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("label", ["dense", "4:8"])
 def test_training_updates_only_adapters_and_loss_falls(compressed_dirs, label):

@@ -169,6 +169,14 @@ class PackedLayer:
         return PackedLayer(meta, pick(self.qcodes), pick(self.qscales), pick(self.qmask), pick(self.lowrank_l),
                            self.lowrank_r)
 
+    def row_slice(self, start: int, stop: int) -> "PackedLayer":
+        """Output rows `start:stop` as views (no copy): for dequantizing a large layer piece by piece."""
+        meta = self.qmeta.clone()
+        meta[META_OUT] = stop - start
+        cut = (lambda t: None if t is None else t[start:stop])
+        return PackedLayer(meta, cut(self.qcodes), cut(self.qscales), cut(self.qmask), cut(self.lowrank_l),
+                           self.lowrank_r)
+
     # ---- reference dequantizer -----------------------------------------------------------------
     def dequantize_quantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Ŵ as a dense `[N, K]` matrix (without the low-rank term): the oracle every kernel matches."""

@@ -185,12 +185,32 @@ class SQLoRALinear(nn.Module):
         return self
 
 
+# Largest dense piece of Ŵ the backward materialises at once (elements; 16 MiB in fp32). Every
+# transformer Linear of a small model fits in one piece; a packed output head (SmolLM2: 49152 × 576,
+# 113 MB in fp32, and its dequantizer's temporaries several times that) is done in row slices.
+BACKWARD_CHUNK_ELEMENTS = 1 << 22
+
+
+def _grad_through_quantized(packed, grad_y: torch.Tensor) -> torch.Tensor:
+    """grad_y · Ŵ, dequantizing Ŵ in row slices of at most `BACKWARD_CHUNK_ELEMENTS` elements."""
+    n, k = packed.out_features, packed.in_features
+    step = max(1, BACKWARD_CHUNK_ELEMENTS // k)
+    if n <= step:
+        return grad_y @ packed.dequantize_quantized(grad_y.dtype)
+    grad_x = grad_y.new_zeros(grad_y.shape[0], k)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        grad_x.addmm_(grad_y[:, start:stop], packed.row_slice(start, stop).dequantize_quantized(grad_y.dtype))
+    return grad_x
+
+
 class _PackedLinearGrad(torch.autograd.Function):
     """Backward for any kernel backend: grad_x = grad_y·Ŵ + (grad_y·L)·R, grad_b = Σ grad_y.
 
     Kernels (C, Triton) have no autograd, and even the reference backend would keep every layer's
     dense Ŵ alive until backward. Here the forward runs without a graph and the backward dequantizes
-    this one layer's Ŵ, uses it and frees it, so training never holds more than one dense weight.
+    this one layer's Ŵ (in row slices when it is large), uses it and frees it, so training never holds
+    more than one dense weight.
     The packed buffers are read only: they never receive a gradient.
     """
 
@@ -206,9 +226,7 @@ class _PackedLinearGrad(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             packed = module.packed()
-            w_hat = packed.dequantize_quantized(grad_y.dtype)
-            grad_x = grad_y @ w_hat
-            del w_hat
+            grad_x = _grad_through_quantized(packed, grad_y)
             if packed.rank > 0:
                 grad_x = grad_x + (grad_y @ packed.lowrank_l.to(grad_y.dtype)) @ packed.lowrank_r.to(grad_y.dtype)
         if ctx.needs_input_grad[1]:
