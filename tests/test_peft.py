@@ -151,11 +151,25 @@ def test_backward_in_row_slices_equals_one_piece(compressed_dirs, label, monkeyp
     layer = _load(compressed_dirs[label]).model.layers[0].mlp.up_proj  # 128 -> 256
     x = torch.randn(5, layer.in_features)
     grads = []
+    from sqlora_hf.formats.layer import PackedLayer
+
+    largest = []
+    original = PackedLayer.dequantize_quantized
+
+    def recording(self, dtype=torch.float32):
+        out = original(self, dtype)
+        largest[-1] = max(largest[-1], out.numel())
+        return out
+
+    monkeypatch.setattr(PackedLayer, "dequantize_quantized", recording)
     for chunk in (1 << 30, 3 * layer.in_features, 1):  # one piece; 3-row slices (uneven: 256 = 85·3 + 1); 1 row
         monkeypatch.setattr(linear_mod, "BACKWARD_CHUNK_ELEMENTS", chunk)
         xg = x.clone().requires_grad_(True)
-        layer(xg).backward(torch.ones(5, layer.out_features))
+        y = layer(xg)
+        largest.append(0)  # only what the backward dequantizes
+        y.backward(torch.ones(5, layer.out_features))
         grads.append(xg.grad)
+    assert largest == [layer.out_features * layer.in_features, 3 * layer.in_features, layer.in_features]
     w = layer.dequantize()
     assert _rel(grads[0], torch.ones(5, layer.out_features) @ w) < 1e-5
     assert _rel(grads[1], grads[0]) < 1e-6 and _rel(grads[2], grads[0]) < 1e-6
