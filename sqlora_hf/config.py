@@ -64,11 +64,13 @@ class SQLoRAConfig(QuantizationConfigMixin):
         rank_keep: elastic rank: keep this fraction (0, 1] of every layer's correction directions,
             applied at load (also when reloading a saved model: see docs/algorithms.md).
         calibration: optional calibration data (a list of texts, a `datasets.Dataset` with a "text"
-            column, or token-id tensors). With it, compression is activation aware (GPTQ with the
-            low-rank term fitted to the data) and runs after the fp model has loaded. Only a record
-            of it (source, samples, length, sha256) is written to config.json.
-        calibration_samples: number of calibration windows (default 128).
-        calibration_seq_len: tokens per window (default 512).
+            column, or token-id tensors), or "self": calibration text sampled from the model itself
+            (causal LMs; no data needed, slower than data-free compression). With it, compression is
+            activation aware (GPTQ with the low-rank term fitted to the data) and runs after the fp
+            model has loaded. Only a record of it (source, samples, length, sha256) is written to
+            config.json.
+        calibration_samples: number of calibration windows (default 128; 64 with "self").
+        calibration_seq_len: tokens per window (default 512; 256 with "self").
         calibration_method: "intrinsic" (GPTQ-intrinsic LoRA), "eora" (GPTQ, then the whitened-SVD
             correction of the residual) or "gptq" (GPTQ, then a plain SVD correction).
         sparsity_criterion: with calibration and sparsity: "sparsegpt" (masks chosen inside the
@@ -91,8 +93,8 @@ class SQLoRAConfig(QuantizationConfigMixin):
         backend: str = "auto",
         format_version: int = FORMAT_VERSION,
         calibration: Any = None,
-        calibration_samples: int = 128,
-        calibration_seq_len: int = 512,
+        calibration_samples: Optional[int] = None,
+        calibration_seq_len: Optional[int] = None,
         calibration_method: str = "intrinsic",
         sparsity_criterion: str = "sparsegpt",
         tokenizer: Any = None,
@@ -121,8 +123,14 @@ class SQLoRAConfig(QuantizationConfigMixin):
         self.backend = backend
         self.format_version = format_version
         self.calibration = calibration
-        self.calibration_samples = calibration_samples
-        self.calibration_seq_len = calibration_seq_len
+        # None: 128 x 512 for data the user passes, fewer for "self" (sampling the text is the slow part)
+        from .calibration import SELF, SELF_SAMPLES, SELF_SEQ_LEN
+
+        generated = isinstance(calibration, str) and calibration == SELF
+        self.calibration_samples = calibration_samples if calibration_samples is not None else (
+            SELF_SAMPLES if generated else 128)
+        self.calibration_seq_len = calibration_seq_len if calibration_seq_len is not None else (
+            SELF_SEQ_LEN if generated else 512)
         self.calibration_method = calibration_method
         self.sparsity_criterion = sparsity_criterion
         # Not a field: a tokenizer object cannot go to config.json (see to_dict).

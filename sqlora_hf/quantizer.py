@@ -318,6 +318,8 @@ _LIBC = None
 
 
 def _holds_texts(data: Any) -> bool:
+    if isinstance(data, str):  # "self": sampled from the model, no tokenizer needed
+        return False
     return not isinstance(data, torch.Tensor) and not (isinstance(data, (list, tuple)) and data
                                                         and isinstance(data[0], torch.Tensor))
 

@@ -161,6 +161,42 @@ def test_texts_without_tokenizer_and_dataset_without_text_column(tiny_model_dirs
         sqlora_hf.compress(model, SQLoRAConfig(), ds, tokenizer=object())
 
 
+def test_self_generated_calibration_needs_no_data_and_is_reproducible(tiny_model_dirs, tmp_path):
+    """calibration="self": the text is sampled from the model (no tokenizer beside this one), the same
+    each time, without touching the caller's RNG, and recorded as such in config.json."""
+    from transformers import AutoModelForCausalLM
+
+    path, _ = tiny_model_dirs["llama"]
+    assert (SQLoRAConfig(calibration="self").calibration_samples, SQLoRAConfig(calibration="self").calibration_seq_len,
+            SQLoRAConfig().calibration_samples) == (64, 256, 128)
+
+    def load():
+        cfg = SQLoRAConfig(bits=4, rank=2, calibration="self", calibration_samples=3, calibration_seq_len=12)
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg)
+
+    rng = torch.get_rng_state()
+    q = load()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert sum(isinstance(m, SQLoRALinear) for m in q.modules()) == 14
+    q.save_pretrained(tmp_path / "out")
+    record = json.load(open(tmp_path / "out" / "config.json"))["quantization_config"]["calibration"]
+    assert (record["source"], record["samples"], record["seq_len"]) == ("self-generated", 3, 12)
+    again = load()
+    assert again.config.quantization_config.calibration["sha256"] == record["sha256"]
+    ids = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, q(ids).logits)
+
+
+def test_self_generated_calibration_on_an_encoder_is_a_clear_error(tiny_model_dirs):
+    from transformers import AutoModel
+
+    path, _ = tiny_model_dirs["bert"]
+    with pytest.raises(ValueError, match="cannot generate"):
+        AutoModel.from_pretrained(path, quantization_config=SQLoRAConfig(calibration="self", calibration_samples=2,
+                                                                         calibration_seq_len=8))
+
+
 def test_dataset_with_text_column_works(tiny_model_dirs, tmp_path):
     datasets = pytest.importorskip("datasets")
     from transformers import AutoModelForCausalLM
