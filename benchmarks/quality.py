@@ -50,6 +50,13 @@ ABLATION_ROWS = {
     "abl: 2:4 NF4 g64 rank auto": dict(memory_budget=None, sparsity="2:4"),
     "abl: 4:8 NF4 g64 rank auto": dict(memory_budget=None, sparsity="4:8"),
 }
+# Not data-free in spirit only: no data is read, but the calibration text is sampled from the model itself
+# (`calibration="self"`, 64 x 256 tokens), then compressed with the calibrated (GPTQ) path. Minutes, not
+# seconds, per row; causal LMs only (so not run on MiniLM).
+SELF_ROWS = {
+    "sqlora self-calibrated 4.25bpw": dict(memory_budget="4.25bpw", calibration="self"),
+    "sqlora self-calibrated 3.25bpw": dict(memory_budget="3.25bpw", calibration="self"),
+}
 MINILM_ROWS = ["RTN NF4 g64 (no planner, rank 0)", "sqlora default (auto = 4.25 bpw)", "sqlora 3.25bpw"]
 
 
@@ -103,6 +110,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=98, help="perplexity windows of 512 tokens (98 = 50k tokens)")
     parser.add_argument("--quick", action="store_true", help="16 windows, 100 sentences, main rows only")
     parser.add_argument("--ablations", action="store_true", help="also run the ablation rows")
+    parser.add_argument("--self-calibrated", action="store_true",
+                        help="also run the rows calibrated on text sampled from the model itself (minutes each)")
     parser.add_argument("--sentences", type=int, default=300)
     parser.add_argument("--cache", default="/tmp/sqlora_bench", help="where the fp checkpoints are written once")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -135,6 +144,8 @@ def main() -> None:
     rows = dict(MAIN_ROWS)
     if args.ablations:
         rows.update(ABLATION_ROWS)
+    if args.self_calibrated:
+        rows.update(SELF_ROWS)
     all_rows = dict(rows)
     if args.rows:
         words = args.rows.split(",")
