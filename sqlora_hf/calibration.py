@@ -22,6 +22,10 @@ SELF_SOURCE = "self-generated"
 SELF_SAMPLES, SELF_SEQ_LEN = 64, 256  # its defaults: generating is the slow part (docs/calibrated.md)
 
 
+def is_self(data: Any) -> bool:
+    return isinstance(data, str) and data == SELF
+
+
 @dataclass
 class CalibrationBatch:
     input_ids: torch.Tensor  # long [samples, seq_len]
@@ -33,7 +37,7 @@ def _err(msg: str) -> ValueError:
 
 
 def describe(data: Any) -> str:
-    if isinstance(data, str) and data == SELF:
+    if is_self(data):
         return SELF_SOURCE
     if isinstance(data, dict) and "sha256" in data:
         return str(data.get("source", "record"))
@@ -58,9 +62,9 @@ def validate_calibration(data: Any) -> None:
         if "sha256" not in data:
             raise _err("a dict is only accepted as the record of a past calibration (it needs 'sha256')")
         return
+    if is_self(data):
+        return
     if isinstance(data, str):
-        if data == SELF:
-            return
         raise _err(f"pass a list of texts, not a single string (the one string accepted is {SELF!r}: "
                    "text sampled from the model itself)")
     if isinstance(data, torch.Tensor):
@@ -80,17 +84,22 @@ def validate_calibration(data: Any) -> None:
     raise _err(f"unsupported type {type(data).__name__}; allowed: list of str, datasets.Dataset, token-id tensor")
 
 
-def prepare(data: Any, tokenizer: Any, samples: int, seq_len: int, text_column: str = "text") -> CalibrationBatch:
+def prepare(data: Any, tokenizer: Any, samples: int, seq_len: int, text_column: str = "text",
+            model: Any = None) -> CalibrationBatch:
     """Tokenize and cut the calibration data into `samples` windows of `seq_len` tokens.
 
     Texts are joined (separated by the tokenizer's EOS when it has one) and cut into consecutive
     windows, the usual GPTQ protocol. With too few tokens, fewer windows are used; with fewer than
-    `seq_len` tokens, a single shorter window.
+    `seq_len` tokens, a single shorter window. `"self"` samples the windows from `model`.
     """
     validate_calibration(data)
     if isinstance(data, dict):
         raise _err("this config only holds the record of a past calibration; pass the data again to recompress")
     source = describe(data)
+    if is_self(data):
+        if model is None:
+            raise _err(f"{SELF!r} needs the model to sample from")
+        data = self_generated(model, samples, seq_len)
     if isinstance(data, torch.Tensor) or (isinstance(data, (list, tuple)) and isinstance(data[0], torch.Tensor)):
         rows = [data] if isinstance(data, torch.Tensor) and data.dim() == 1 else list(data)
         ids = torch.cat([torch.as_tensor(r).reshape(-1).long() for r in rows])
@@ -125,8 +134,8 @@ def self_generated(model: Any, samples: int, seq_len: int, seed: int = 0, batch:
     Why: GPTQ needs inputs that look like what the model will see, not any particular corpus. Text
     the model writes itself (plain sampling at temperature 1 from BOS, as in LLM-QAT's data-free
     distillation) exercises the same activation statistics, so compression becomes activation-aware
-    without any data: SmolLM2-135M at 4.25 bpw goes from 1.33x to about 1.1x the fp32 perplexity
-    (docs/calibrated.md). Deterministic for a given seed; the global RNG state is left untouched.
+    without any data: SmolLM2-135M at 4.25 bpw goes from 1.285x to 1.121x the fp32 perplexity
+    (docs/benchmarks_quality.md). Deterministic for a given seed; the global RNG state is left untouched.
     """
     can_generate = getattr(model, "can_generate", None)
     if not (callable(can_generate) and can_generate()):

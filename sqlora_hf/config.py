@@ -124,9 +124,9 @@ class SQLoRAConfig(QuantizationConfigMixin):
         self.format_version = format_version
         self.calibration = calibration
         # None: 128 x 512 for data the user passes, fewer for "self" (sampling the text is the slow part)
-        from .calibration import SELF, SELF_SAMPLES, SELF_SEQ_LEN
+        from .calibration import SELF_SAMPLES, SELF_SEQ_LEN, is_self
 
-        generated = isinstance(calibration, str) and calibration == SELF
+        generated = is_self(calibration)
         self.calibration_samples = calibration_samples if calibration_samples is not None else (
             SELF_SAMPLES if generated else 128)
         self.calibration_seq_len = calibration_seq_len if calibration_seq_len is not None else (

@@ -22,6 +22,7 @@ from transformers.quantizers.base import HfQuantizer, get_keys_to_not_convert
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 from transformers.utils import logging as hf_logging
 
+from .calibration import is_self
 from .compression import CompressionSpec, compress_weight
 from .config import SQLoRAConfig
 from .formats.layer import FormatError, layout_problem
@@ -318,7 +319,7 @@ _LIBC = None
 
 
 def _holds_texts(data: Any) -> bool:
-    if isinstance(data, str):  # "self": sampled from the model, no tokenizer needed
+    if is_self(data):  # sampled from the model: no tokenizer needed
         return False
     return not isinstance(data, torch.Tensor) and not (isinstance(data, (list, tuple)) and data
                                                         and isinstance(data[0], torch.Tensor))

@@ -27,7 +27,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging as hf_logging
 
 from .allocator import reuse_freed_memory
-from .calibration import SELF, SELF_SOURCE, prepare, self_generated
+from .calibration import prepare
 from .compression.calibrated import CalibratedSpec, compress_shared_input, compress_with_hessian
 from .compression.gptq import EighCache, gram
 from .formats.layer import PackedLayer, layout_problem
@@ -249,12 +249,7 @@ def _compress_model(model: nn.Module, config: Any, calibration_data: Any, tokeni
     from .quantizer import modules_to_skip
 
     data = calibration_data if calibration_data is not None else config.calibration
-    generated = isinstance(data, str) and data == SELF
-    if generated:
-        data = self_generated(model, config.calibration_samples, config.calibration_seq_len)
-    batch = prepare(data, tokenizer, config.calibration_samples, config.calibration_seq_len)
-    if generated:
-        batch.record["source"] = SELF_SOURCE
+    batch = prepare(data, tokenizer, config.calibration_samples, config.calibration_seq_len, model=model)
     base = CalibratedSpec(bits=config.bits, group_size=config.group_size, sparsity=config.sparsity, rank=config.rank,
                           method=config.calibration_method, sparsity_criterion=config.sparsity_criterion,
                           scale_search=config.uses_scale_search(calibrated=True))

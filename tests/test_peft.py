@@ -146,14 +146,12 @@ def test_backward_through_compressed_layer_is_exact_and_keeps_no_dense_weight(co
 @pytest.mark.parametrize("label", ["dense", "4:8"])
 def test_backward_in_row_slices_equals_one_piece(compressed_dirs, label, monkeypatch):
     """A layer larger than the backward's piece size (a packed output head) is dequantized in row slices."""
+    from sqlora_hf.formats.layer import PackedLayer
     from sqlora_hf.nn import linear as linear_mod
 
     layer = _load(compressed_dirs[label]).model.layers[0].mlp.up_proj  # 128 -> 256
     x = torch.randn(5, layer.in_features)
-    grads = []
-    from sqlora_hf.formats.layer import PackedLayer
-
-    largest = []
+    grads, largest = [], []
     original = PackedLayer.dequantize_quantized
 
     def recording(self, dtype=torch.float32):

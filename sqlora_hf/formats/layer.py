@@ -163,17 +163,16 @@ class PackedLayer:
         Every tensor is stored row-major by output row, so a row subset is a gather on dim 0; the
         shared `R` factor and the codebook stay as they are.
         """
-        meta = self.qmeta.clone()
-        meta[META_OUT] = int(index.numel())  # the rank stays: a subset is dequantized, never validated
-        pick = (lambda t: None if t is None else t.index_select(0, index))
-        return PackedLayer(meta, pick(self.qcodes), pick(self.qscales), pick(self.qmask), pick(self.lowrank_l),
-                           self.lowrank_r)
+        return self._restricted(int(index.numel()), lambda t: t.index_select(0, index))
 
     def row_slice(self, start: int, stop: int) -> "PackedLayer":
         """Output rows `start:stop` as views (no copy): for dequantizing a large layer piece by piece."""
+        return self._restricted(stop - start, lambda t: t[start:stop])
+
+    def _restricted(self, n_rows: int, pick) -> "PackedLayer":
         meta = self.qmeta.clone()
-        meta[META_OUT] = stop - start
-        cut = (lambda t: None if t is None else t[start:stop])
+        meta[META_OUT] = n_rows  # the rank stays: a subset is dequantized, never validated
+        cut = (lambda t: None if t is None else pick(t))
         return PackedLayer(meta, cut(self.qcodes), cut(self.qscales), cut(self.qmask), cut(self.lowrank_l),
                            self.lowrank_r)
 
