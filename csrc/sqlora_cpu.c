@@ -66,7 +66,7 @@ int sqlora_cpu_best_isa(void) {
     return ISA_SCALAR;
 }
 
-int sqlora_cpu_abi_version(void) { return 2; }
+int sqlora_cpu_abi_version(void) { return 3; }
 
 /* ---------------------------------------------------------------------------------------------- */
 /* Scalar pieces (also the reference for the SIMD ones)                                           */
@@ -1163,4 +1163,71 @@ int sqlora_cpu_linear_desc(const int64_t *d, int isa, int flags, int n_threads, 
                              SQ_P(const float *, 11), d[12], SQ_P(const float *, 13), SQ_P(const float *, 14), d[15],
                              d[16], d[17], SQ_P(const float *, 18), d[19], y);
 #undef SQ_P
+}
+
+
+/* ---------------------------------------------------------------------------------------------- */
+/* GPTQ's column sweep (sqlora_hf/compression/gptq.py): the hot loop of calibrated compression     */
+
+/* Columns c0 .. c1-1 of one lazy block of GPTQ's sweep, worked on W^T (row i of `w` is column i of
+ * the block). For each column i: quantize its N weights against their scales (the nearest NF level,
+ * or int8 rounded half to even), write the codes, the dequantized values q and the scaled error
+ * e = (w - q) / hinv[i][i], then subtract hinv[i][j] * e from every later row j < nb of the block.
+ * The arithmetic is the torch sweep's, element for element (divide, clamp, count midpoints below,
+ * multiply, subtract, divide), so codes agree except where a weight sits on a rounding tie.
+ * GPTQ's output rows (n) never interact, so threads split n; a thread's slice of the block stays in
+ * its cache for the whole block. Layouts: w, codes, q, err are [nb, ld]; hinv is [nb, ldh] (the
+ * block's square of the upper inverse-Hessian factor); column i's scales start at scale + i*scale_ld
+ * (scale_ld 0: one scale vector for every column, the group-at-a-time sweep). levels/mids: the
+ * 2^bits NF levels and their 2^bits - 1 midpoints (unused for bits == 8). */
+int sqlora_gptq_columns(int n_threads, int64_t nb, int64_t c0, int64_t c1, int64_t N, float *w, int64_t ld,
+                        const float *hinv, int64_t ldh, const float *scale, int64_t scale_ld, int bits,
+                        const float *levels, const float *mids, uint8_t *codes, float *q, float *err) {
+    if (w == NULL || hinv == NULL || scale == NULL || codes == NULL || q == NULL || err == NULL) return SQ_EBADARG;
+    if (nb < 0 || c0 < 0 || c1 > nb || c0 > c1 || N < 0 || ld < N || ldh < nb || scale_ld < 0) return SQ_EBADARG;
+    if (bits != 8 && (bits < 2 || bits > 4 || levels == NULL || mids == NULL)) return SQ_EBADARG;
+    const int n_mids = bits == 8 ? 0 : (1 << bits) - 1;
+    const int64_t chunk = 64;
+    const int64_t n_chunks = (N + chunk - 1) / chunk;
+    if (n_threads < 1) n_threads = 1;
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1 && n_chunks > 1)
+    for (int64_t ch = 0; ch < n_chunks; ch++) {
+        const int64_t n0 = ch * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+        for (int64_t i = c0; i < c1; i++) {
+            float *restrict wi = w + i * ld;
+            float *restrict qi = q + i * ld;
+            float *restrict ei = err + i * ld;
+            uint8_t *restrict ci = codes + i * ld;
+            const float *restrict si = scale + i * scale_ld;
+            const float d = hinv[i * ldh + i];
+            for (int64_t n = n0; n < n1; n++) {
+                const float s = si[n];
+                const float x = wi[n] / (s == 0.0f ? 1.0f : s);
+                float v;
+                if (bits == 8) {
+                    /* clamp, then round half to even by adding and removing 1.5 * 2^23 (exact in
+                     * float arithmetic without -ffast-math; keeps the library free of libm) */
+                    v = x < -127.5f ? -127.5f : (x > 127.5f ? 127.5f : x);
+                    v = (v + 12582912.0f) - 12582912.0f;
+                    v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+                    ci[n] = (uint8_t)(int8_t)v;
+                } else {
+                    const float xc = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);
+                    int code = 0;
+                    for (int m = 0; m < n_mids; m++) code += xc > mids[m];
+                    ci[n] = (uint8_t)code;
+                    v = levels[code];
+                }
+                const float qv = v * s;
+                qi[n] = qv;
+                ei[n] = (wi[n] - qv) / d;
+            }
+            for (int64_t j = i + 1; j < nb; j++) {
+                const float h = hinv[i * ldh + j];
+                float *restrict wj = w + j * ld;
+                for (int64_t n = n0; n < n1; n++) wj[n] -= h * ei[n];
+            }
+        }
+    }
+    return SQ_OK;
 }

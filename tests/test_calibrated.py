@@ -31,6 +31,31 @@ def test_gptq_beats_round_to_nearest_on_output_error(bits):
         assert output_error(w, gptq(w, h, bits, 64, act_order=act_order).dequantized, h) < 0.5 * rtn
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("act_order,scale_search", [(True, True), (False, False), (False, True)])
+def test_c_sweep_matches_the_torch_sweep(bits, act_order, scale_search, monkeypatch):
+    """The C column loop (kernels/cpu/gptq_sweep.py) does the torch loop's arithmetic: same codes
+    except at rare rounding ties, same scales where they are fixed up front, same output error."""
+    from sqlora_hf.kernels.cpu import gptq_sweep, library
+
+    if library.load() is None:
+        pytest.skip(f"CPU library not built: {library.load_error()}")
+    w, h = _layer(10 + bits, n=70, k=320)  # N not a multiple of the C loop's 64-row chunk, K of the 128-column block
+    w[3, :64] = 0.0  # an all-zero group: scale 0 must give zeros, not NaN
+    results = {}
+    for mode in ("torch", "c"):
+        monkeypatch.setenv("SQLORA_GPTQ_SWEEP", mode)
+        assert gptq_sweep.available(w, h) == (mode == "c")
+        results[mode] = gptq(w, h, bits, 64, act_order=act_order, scale_search=scale_search)
+    ref, got = results["torch"], results["c"]
+    assert float((ref.codes != got.codes).float().mean()) < 1e-3
+    if act_order:
+        assert torch.equal(ref.scales, got.scales)
+    assert bool(torch.isfinite(got.dequantized).all()) and bool((got.dequantized[3, :64] == 0).all())
+    e_ref, e_got = output_error(w, ref.dequantized, h), output_error(w, got.dequantized, h)
+    assert abs(e_got - e_ref) <= 1e-3 * e_ref
+
+
 def test_gptq_sparse_keeps_the_pattern_and_beats_magnitude():
     from sqlora_hf.compression.sparsity import nm_mask
 

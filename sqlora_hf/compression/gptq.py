@@ -169,11 +169,19 @@ def gptq(
         static_t = static_scales.to(torch.float32).t()[perm // group_size].contiguous()
         static_safe = torch.where(static_t == 0, torch.ones_like(static_t), static_t)
 
+    c_sweep = _c_sweep_usable(sparsity, wt, hinv)
+    if c_sweep:
+        hinv = hinv.contiguous()  # torch's Cholesky factor comes column-major; C reads its rows
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         w1 = wt[b0:b1]  # a view: updated in place
         hinv1 = hinv[b0:b1, b0:b1]
         err1 = torch.empty_like(w1)
+        if c_sweep:
+            _c_block(w1, hinv1, err1, codes_t[b0:b1], q_t[b0:b1], b0, group_size, bits, scales, static_t, scale_search)
+            if b1 < k:
+                wt[b1:].addmm_(hinv[b0:b1, b1:].t(), err1, alpha=-1.0)
+            continue
         safe = s = None
         for i in range(b1 - b0):
             col = b0 + i
@@ -222,6 +230,37 @@ def gptq(
         codes, q_all = codes[:, inv], q_all[:, inv]
         scales = static_scales
     return GPTQResult(codes=codes.contiguous(), scales=scales, keep=keep_all, dequantized=q_all.contiguous())
+
+
+def _c_sweep_usable(sparsity: Optional[str], wt: torch.Tensor, hinv: torch.Tensor) -> bool:
+    """Dense sweeps on the CPU run their per-column loop in C (kernels/cpu/gptq_sweep.py) when the
+    library is built; the torch loop below is the fallback and the oracle it is tested against."""
+    if sparsity:
+        return False
+    from ..kernels.cpu import gptq_sweep
+
+    return gptq_sweep.available(wt, hinv)
+
+
+def _c_block(w1: torch.Tensor, hinv1: torch.Tensor, err1: torch.Tensor, codes1: torch.Tensor, q1: torch.Tensor,
+             b0: int, group_size: int, bits: int, scales: torch.Tensor, static_t: Optional[torch.Tensor],
+             scale_search: bool) -> None:
+    """One lazy block of the dense sweep in C: in one call with static (act-order) scales, else one
+    call per group, whose scale is taken from the weights as updated so far, as the torch loop does."""
+    from ..kernels.cpu.gptq_sweep import sweep_columns
+
+    nb = w1.shape[0]
+    if static_t is not None:
+        sweep_columns(w1, hinv1, 0, nb, static_t[b0:b0 + nb], True, bits, codes1, q1, err1)
+        return
+    for i in range(0, nb, group_size):
+        group_w = w1[i:i + group_size].t()  # [N, g]
+        if scale_search:
+            scale = search_scales(group_w.contiguous(), bits, group_size)[:, 0]
+        else:
+            scale = _group_scale(group_w, None, bits)
+        scales[:, (b0 + i) // group_size] = scale
+        sweep_columns(w1, hinv1, i, i + group_size, scale.to(torch.float32), False, bits, codes1, q1, err1)
 
 
 Eigh = tuple[torch.Tensor, torch.Tensor]  # (eigenvalues ascending, eigenvectors), float64

@@ -20,7 +20,7 @@ from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 SOURCE_CANDIDATES = [HERE.parents[2] / "csrc" / "sqlora_cpu.c"]
-ABI_VERSION = 2
+ABI_VERSION = 3
 ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3, "dotprod": 4}
 ISA_NAMES = {v: k for k, v in ISA_CODES.items()}
 COMPILE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp"]
@@ -95,6 +95,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     ]
     lib.sqlora_cpu_linear_desc.restype = i32
     lib.sqlora_cpu_linear_desc.argtypes = [vp, i32, i32, i32, vp, i64, vp]  # desc, isa, flags, threads, x, M, y
+    lib.sqlora_gptq_columns.restype = i32
+    lib.sqlora_gptq_columns.argtypes = [
+        i32, i64, i64, i64, i64, vp, i64,  # threads, nb, c0, c1, N, w, ld
+        vp, i64, vp, i64, i32,  # hinv, ldh, scale, scale_ld, bits
+        vp, vp, vp, vp, vp,  # levels, mids, codes, q, err
+    ]
 
 
 def load() -> Optional[ctypes.CDLL]:
