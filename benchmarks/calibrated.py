@@ -66,6 +66,8 @@ def main(argv=None) -> None:
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/sqlora_hf/smollm2-135m-fp32"))
     p.add_argument("--scale-search", choices=["auto", "on", "off"], default="auto",
                    help="SQLoRAConfig.scale_search: auto = the default (None: on for calibrated rows, off data-free)")
+    p.add_argument("--refine-passes", type=int, default=None,
+                   help="SQLoRAConfig.refine_passes (coordinate descent after GPTQ); default: the config's default")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     args.scale_search = {"auto": None, "on": True, "off": False}[args.scale_search]
@@ -88,7 +90,7 @@ def main(argv=None) -> None:
     for label, method, budget, tiers, rank, sparsity in rows:
         bits = 4 if budget is not None else tiers[0]
         cfg = SQLoRAConfig(bits=bits, group_size=64, sparsity=sparsity, rank=rank, memory_budget=budget, tiers=tiers,
-                           scale_search=args.scale_search)
+                           scale_search=args.scale_search, refine_passes=args.refine_passes)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         before = _rss_mb()
         peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
@@ -114,6 +116,7 @@ def main(argv=None) -> None:
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "fp32_perplexity": base, "windows": args.windows,
                        "samples": args.samples, "seq_len": args.seq_len, "scale_search": args.scale_search,
+                       "refine_passes": cfg.resolved_refine_passes(),
                        "rows": results}, f, indent=2)
 
 

@@ -1231,3 +1231,65 @@ int sqlora_gptq_columns(int n_threads, int64_t nb, int64_t c0, int64_t c1, int64
     }
     return SQ_OK;
 }
+
+/* Coordinate descent on GPTQ's codes (one block of columns; sqlora_hf/compression/gptq.py `refine`).
+ * With the scales fixed, the output error tr(E H E^T) of one row is a quadratic in each of its
+ * entries: entry j alone is best at e_j - g_j / h_jj, where g = E H, so its best code is the nearest
+ * grid point to w_j - e_j + g_j / h_jj. Each step can only lower the error. Layouts as in
+ * sqlora_gptq_columns, transposed: row j of w, e, g, scale, keep, codes, delta is column j of the block.
+ * e and g are updated in place (g only inside the block: the caller applies the block's changes
+ * `delta` to the other columns with one matrix product); keep (0/1 bytes) may be NULL (dense). */
+int sqlora_cd_columns(int n_threads, int64_t nb, int64_t N, const float *w, float *e, float *g, int64_t ld,
+                      const float *h, int64_t ldh, const float *scale, const uint8_t *keep, int bits,
+                      const float *levels, const float *mids, uint8_t *codes, float *delta) {
+    if (w == NULL || e == NULL || g == NULL || h == NULL || scale == NULL || codes == NULL || delta == NULL)
+        return SQ_EBADARG;
+    if (nb < 0 || N < 0 || ld < N || ldh < nb) return SQ_EBADARG;
+    if (bits != 8 && (bits < 2 || bits > 4 || levels == NULL || mids == NULL)) return SQ_EBADARG;
+    const int n_mids = bits == 8 ? 0 : (1 << bits) - 1;
+    const int64_t chunk = 64;
+    const int64_t n_chunks = (N + chunk - 1) / chunk;
+    if (n_threads < 1) n_threads = 1;
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1 && n_chunks > 1)
+    for (int64_t ch = 0; ch < n_chunks; ch++) {
+        const int64_t n0 = ch * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+        for (int64_t j = 0; j < nb; j++) {
+            const float *restrict wj = w + j * ld;
+            const float *restrict sj = scale + j * ld;
+            const uint8_t *restrict kj = keep ? keep + j * ld : NULL;
+            float *restrict ej = e + j * ld;
+            float *restrict gj = g + j * ld;
+            float *restrict dj = delta + j * ld;
+            uint8_t *restrict cj = codes + j * ld;
+            const float d = h[j * ldh + j];
+            for (int64_t n = n0; n < n1; n++) {
+                if (d <= 0.0f || (kj && !kj[n])) { dj[n] = 0.0f; continue; }  /* dead input or pruned */
+                const float s = sj[n];
+                const float target = wj[n] - ej[n] + gj[n] / d;
+                const float x = target / (s == 0.0f ? 1.0f : s);
+                float v;
+                if (bits == 8) {
+                    v = x < -127.5f ? -127.5f : (x > 127.5f ? 127.5f : x);
+                    v = (v + 12582912.0f) - 12582912.0f;  /* half to even, as in sqlora_gptq_columns */
+                    v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+                    cj[n] = (uint8_t)(int8_t)v;
+                } else {
+                    const float xc = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);
+                    int code = 0;
+                    for (int m = 0; m < n_mids; m++) code += xc > mids[m];
+                    cj[n] = (uint8_t)code;
+                    v = levels[code];
+                }
+                const float en = wj[n] - v * s;
+                dj[n] = en - ej[n];
+                ej[n] = en;
+            }
+            for (int64_t i = 0; i < nb; i++) {
+                const float hji = h[j * ldh + i];
+                float *restrict gi = g + i * ld;
+                for (int64_t n = n0; n < n1; n++) gi[n] += hji * dj[n];
+            }
+        }
+    }
+    return SQ_OK;
+}

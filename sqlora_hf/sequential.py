@@ -252,7 +252,8 @@ def _compress_model(model: nn.Module, config: Any, calibration_data: Any, tokeni
     batch = prepare(data, tokenizer, config.calibration_samples, config.calibration_seq_len, model=model)
     base = CalibratedSpec(bits=config.bits, group_size=config.group_size, sparsity=config.sparsity, rank=config.rank,
                           method=config.calibration_method, sparsity_criterion=config.sparsity_criterion,
-                          scale_search=config.uses_scale_search(calibrated=True))
+                          scale_search=config.uses_scale_search(calibrated=True),
+                          refine_passes=config.resolved_refine_passes())
     skip = modules_to_skip(model, config)
     prefix, blocks = find_blocks(model)
     was_training = model.training

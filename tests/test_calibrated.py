@@ -56,6 +56,36 @@ def test_c_sweep_matches_the_torch_sweep(bits, act_order, scale_search, monkeypa
     assert abs(e_got - e_ref) <= 1e-3 * e_ref
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("kwargs", [dict(act_order=True, scale_search=True), dict(act_order=False),
+                                    dict(sparsity="4:8"), dict(sparsity="2:4")])
+def test_refine_passes_never_raise_the_error_and_keep_scales_and_mask(bits, kwargs, monkeypatch):
+    """Coordinate descent after GPTQ: each pass can only lower the (damped) objective GPTQ minimised; the
+    scales and the n:m mask stay as GPTQ chose them; C and torch give the same codes."""
+    from sqlora_hf.compression.gptq import _prepare_hessian
+    from sqlora_hf.kernels.cpu import library
+
+    w, h = _layer(20 + bits, n=70, k=320)
+    damped = _prepare_hessian(h, 0.01)
+    errors, results = [], {}
+    for passes in (0, 1, 3):
+        r = gptq(w, h, bits, 64, refine_passes=passes, **kwargs)
+        errors.append(output_error(w, r.dequantized, damped))
+        results[passes] = r
+    assert errors[1] <= errors[0] * (1 + 1e-6) and errors[2] <= errors[1] * (1 + 1e-6)
+    assert errors[2] < errors[0]  # on this layer GPTQ's greedy codes are not a local optimum
+    base, refined = results[0], results[3]
+    assert torch.equal(base.scales, refined.scales)
+    if base.keep is not None:
+        assert torch.equal(base.keep, refined.keep) and bool((refined.dequantized[~refined.keep] == 0).all())
+    else:  # the result still means exactly what its codes and scales say
+        assert torch.equal(dequantize_groups(refined.codes, refined.scales, bits), refined.dequantized)
+    if library.load() is not None:
+        monkeypatch.setenv("SQLORA_GPTQ_SWEEP", "torch")
+        oracle = gptq(w, h, bits, 64, refine_passes=3, **kwargs)
+        assert float((oracle.codes != refined.codes).float().mean()) < 1e-3
+
+
 def test_gptq_sparse_keeps_the_pattern_and_beats_magnitude():
     from sqlora_hf.compression.sparsity import nm_mask
 

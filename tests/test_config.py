@@ -30,6 +30,7 @@ def test_defaults_and_json_round_trip():
     ("compute_dtype", "int8"), ("compute_dtype", torch.int8),
     ("backend", "tpu"),
     ("format_version", 0), ("format_version", "1"),
+    ("refine_passes", -1), ("refine_passes", 1.5), ("refine_passes", True), ("refine_passes", 99),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError) as err:
@@ -61,3 +62,11 @@ def test_scale_search_default_depends_on_the_path():
         cfg = SQLoRAConfig(scale_search=choice)
         assert cfg.uses_scale_search(calibrated=True) is choice
         assert cfg.uses_scale_search(calibrated=False) is choice
+
+
+def test_refine_passes_default_and_choice():
+    from sqlora_hf.config import DEFAULT_REFINE_PASSES
+
+    assert SQLoRAConfig().resolved_refine_passes() == DEFAULT_REFINE_PASSES
+    assert SQLoRAConfig(refine_passes=0).resolved_refine_passes() == 0
+    assert SQLoRAConfig.from_dict(SQLoRAConfig(refine_passes=3).to_dict()).resolved_refine_passes() == 3

@@ -27,6 +27,7 @@ class CalibratedSpec:
     act_order: Optional[bool] = None  # None: on for dense layers, off for sparse ones
     damp: float = 0.01
     scale_search: bool = False
+    refine_passes: int = 0  # coordinate-descent passes on the codes after each GPTQ sweep (gptq._refine)
 
 
 def calibrated_auto_rank(rows: int, cols: int) -> int:
@@ -87,7 +88,8 @@ def compress_shared_input(weights: list[torch.Tensor], hessian: torch.Tensor, sp
     act_order = (spec.sparsity is None) if spec.act_order is None else spec.act_order
     keep = [wanda_mask(w, hessian, spec.sparsity) if spec.sparsity and spec.sparsity_criterion == "wanda" else None
             for w in ws]
-    kwargs = dict(sparsity=spec.sparsity, act_order=act_order, scale_search=spec.scale_search)
+    kwargs = dict(sparsity=spec.sparsity, act_order=act_order, scale_search=spec.scale_search,
+                  refine_passes=spec.refine_passes)
     static = None
     if act_order and spec.method == "intrinsic" and any(ranks):  # both sweeps fix the same static scales
         static = [act_order_scales(w, hessian, spec.bits, spec.group_size, spec.scale_search) for w in ws]

@@ -69,3 +69,24 @@ def sweep_columns(w: torch.Tensor, hinv: torch.Tensor, c0: int, c1: int, scale: 
                                     _ptr(levels), _ptr(mids), codes.data_ptr(), q.data_ptr(), err.data_ptr())
     if rc != 0:
         raise RuntimeError(f"sqlora_gptq_columns failed with code {rc}")
+
+
+def refine_columns(w: torch.Tensor, e: torch.Tensor, g: torch.Tensor, h: torch.Tensor, scale: torch.Tensor,
+                   keep: Optional[torch.Tensor], bits: int, codes: torch.Tensor, delta: torch.Tensor) -> None:
+    """One block of coordinate descent on the codes (`compression/gptq.py` `_refine`): updates `e`,
+    `g` (inside the block), `codes`, and writes each column's change of the error into `delta`."""
+    nb, n = w.shape
+    for name, t in (("w", w), ("e", e), ("g", g), ("scale", scale), ("delta", delta)):
+        if t.shape != (nb, n) or t.stride() != (n, 1) or t.dtype != torch.float32:
+            raise ValueError(f"refine_columns: {name} must be a contiguous-row float32 [{nb}, {n}] block")
+    for name, t in (("codes", codes), ("keep", keep)):
+        if t is not None and (t.shape != (nb, n) or t.stride() != (n, 1) or t.dtype != torch.uint8):
+            raise ValueError(f"refine_columns: {name} must be a contiguous-row uint8 [{nb}, {n}] block")
+    if h.dtype != torch.float32 or h.shape != (nb, nb) or h.stride(1) != 1:
+        raise ValueError(f"refine_columns: h must be float32 [{nb}, {nb}] with unit column stride")
+    levels, mids = _levels(bits)
+    rc = load().sqlora_cd_columns(torch.get_num_threads(), nb, n, w.data_ptr(), e.data_ptr(), g.data_ptr(), n,
+                                  h.data_ptr(), h.stride(0), scale.data_ptr(), _ptr(keep), bits,
+                                  _ptr(levels), _ptr(mids), codes.data_ptr(), delta.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"sqlora_cd_columns failed with code {rc}")

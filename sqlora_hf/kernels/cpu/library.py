@@ -101,6 +101,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         vp, i64, vp, i64, i32,  # hinv, ldh, scale, scale_ld, bits
         vp, vp, vp, vp, vp,  # levels, mids, codes, q, err
     ]
+    lib.sqlora_cd_columns.restype = i32
+    lib.sqlora_cd_columns.argtypes = [
+        i32, i64, i64, vp, vp, vp, i64,  # threads, nb, N, w, e, g, ld
+        vp, i64, vp, vp, i32,  # h, ldh, scale, keep, bits
+        vp, vp, vp, vp,  # levels, mids, codes, delta
+    ]
 
 
 def load() -> Optional[ctypes.CDLL]:
