@@ -2,7 +2,8 @@
  * every format option (bits 2/3/4/8, dense/2:4/4:8, several group sizes, with and without the
  * low-rank term and bias, batch 1 and larger, N not a multiple of any SIMD width).
  * Built natively it checks AVX2/AVX-512; cross-compiled for aarch64 (scripts/ci_arm.sh) it checks
- * NEON and dotprod under qemu. Exit status 0 only if every check passed and at least one SIMD path ran.
+ * NEON and dotprod under qemu. Also checks the GPTQ loops (sqlora_gptq_columns, sqlora_cd_columns) on
+ * 2 threads against a plain rewrite. Exit status 0 only if every check passed and at least one SIMD path ran.
  */
 #include <math.h>
 #include <stdio.h>
@@ -116,6 +117,80 @@ static int check_int_act_case(int isa, int flag, int group, int64_t N, int64_t K
     return ok;
 }
 
+/* GPTQ's C loops (sqlora_gptq_columns, sqlora_cd_columns) on 2 threads against a plain one-row-at-a-time
+ * rewrite of the same arithmetic: the compiler's vectorisation and the thread split must change nothing. */
+static int nearest_code(float x, int bits, const float *mids, float *v) {
+    if (bits == 8) {
+        float c = x < -127.5f ? -127.5f : (x > 127.5f ? 127.5f : x);
+        c = (c + 12582912.0f) - 12582912.0f;
+        c = c < -127.0f ? -127.0f : (c > 127.0f ? 127.0f : c);
+        *v = c;
+        return (uint8_t)(int8_t)c;
+    }
+    const float xc = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);
+    int code = 0;
+    for (int m = 0; m < (1 << bits) - 1; m++) code += xc > mids[m];
+    return code;
+}
+
+static int check_gptq_loops(int bits) {
+    enum { NB = 40, N = 150 };
+    static float w[NB * N], w2[NB * N], e[NB * N], e2[NB * N], g[NB * N], g2[NB * N], h[NB * NB], s[NB * N];
+    static float q[NB * N], q2[NB * N], err[NB * N], err2[NB * N], d[NB * N], d2[NB * N], levels[16], mids[15];
+    static uint8_t c[NB * N], c2[NB * N], keep[NB * N];
+    const int nl = 1 << (bits == 8 ? 4 : bits);
+    for (int i = 0; i < nl; i++) levels[i] = -1.0f + 2.0f * i / (nl - 1);
+    for (int i = 0; i + 1 < nl; i++) mids[i] = (levels[i] + levels[i + 1]) / 2;
+    for (int i = 0; i < NB * NB; i++) h[i] = 0.1f * next_f();
+    for (int i = 0; i < NB; i++) h[i * NB + i] = 1.0f + 0.5f * (next_f() + 1.0f);
+    for (int i = 0; i < NB * N; i++) {
+        w[i] = w2[i] = next_f();
+        s[i] = i % 97 == 0 ? 0.0f : (bits == 8 ? 1.0f / 127 : 1.0f) * (0.5f + 0.5f * (next_f() + 1.0f));
+        keep[i] = (uint8_t)(next_u32() % 4 != 0);
+    }
+    int ok = sqlora_gptq_columns(2, NB, 0, NB, N, w, N, h, NB, s, N, bits, levels, mids, c, q, err) == SQ_OK;
+    for (int i = 0; i < NB; i++)  /* the plain rewrite */
+        for (int n = 0; n < N; n++) {
+            float v, sc = s[i * N + n], x = w2[i * N + n] / (sc == 0.0f ? 1.0f : sc);
+            int code = nearest_code(x, bits, mids, &v);
+            if (bits != 8) v = levels[code];
+            c2[i * N + n] = (uint8_t)code;
+            q2[i * N + n] = v * sc;
+            err2[i * N + n] = (w2[i * N + n] - q2[i * N + n]) / h[i * NB + i];
+            for (int j = i + 1; j < NB; j++) w2[j * N + n] -= h[i * NB + j] * err2[i * N + n];
+        }
+    for (int i = 0; i < NB * N; i++) {  /* coordinate descent from the sweep's result */
+        e[i] = e2[i] = (w2[i] - q2[i]);
+        g[i] = g2[i] = 0.0f;
+    }
+    for (int j = 0; j < NB; j++)
+        for (int i = 0; i < NB; i++)
+            for (int n = 0; n < N; n++) g[j * N + n] = g2[j * N + n] += h[j * NB + i] * e[i * N + n];
+    ok &= sqlora_cd_columns(2, NB, N, w2, e, g, N, h, NB, s, keep, bits, levels, mids, c, d) == SQ_OK;
+    int bad = 0;
+    for (int j = 0; j < NB; j++)
+        for (int n = 0; n < N; n++) {
+            const float dj = h[j * NB + j];
+            float v;
+            d2[j * N + n] = 0.0f;
+            if (keep[j * N + n]) {
+                float sc = s[j * N + n], x = (w2[j * N + n] - e2[j * N + n] + g2[j * N + n] / dj) / (sc == 0.0f ? 1.0f : sc);
+                int code = nearest_code(x, bits, mids, &v);
+                if (bits != 8) v = levels[code];
+                const float en = w2[j * N + n] - v * sc;
+                d2[j * N + n] = en - e2[j * N + n];
+                e2[j * N + n] = en;
+                bad += c[j * N + n] != (uint8_t)code;
+            }
+            for (int i = 0; i < NB; i++) g2[i * N + n] += h[j * NB + i] * d2[j * N + n];
+        }
+    for (int i = 0; i < NB * N; i++)
+        bad += fabsf(q[i] - q2[i]) > 1e-6f || fabsf(err[i] - err2[i]) > 1e-4f * (1.0f + fabsf(err2[i])) ||
+               fabsf(e[i] - e2[i]) > 1e-5f || fabsf(d[i] - d2[i]) > 1e-5f || fabsf(g[i] - g2[i]) > 1e-3f * (1.0f + fabsf(g2[i]));
+    if (!ok || bad) printf("FAIL GPTQ loops bits=%d rc_ok=%d mismatches=%d\n", bits, ok, bad);
+    return ok && !bad;
+}
+
 int main(void) {
     static const int bits_list[] = {2, 3, 4, 8};
     static const int groups[] = {32, 64, 128, 256};
@@ -160,6 +235,10 @@ int main(void) {
             }
         }
         printf("isa %d: checked\n", isa);
+    }
+    for (int b = 0; b < 4; b++) {  /* scalar C compiled for this CPU, threads over rows */
+        checks++;
+        failures += !check_gptq_loops(bits_list[b]);
     }
     printf("%d checks, %d failures, %d SIMD paths\n", checks, failures, simd_paths);
     if (simd_paths == 0) { printf("FAIL: no SIMD path is supported on this CPU\n"); return 1; }
