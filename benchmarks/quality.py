@@ -56,6 +56,8 @@ ABLATION_ROWS = {
 SELF_ROWS = {
     "sqlora self-calibrated 4.25bpw": dict(memory_budget="4.25bpw", calibration="self"),
     "sqlora self-calibrated 3.25bpw": dict(memory_budget="3.25bpw", calibration="self"),
+    "sqlora self-calibrated 4.25bpw, 128 x 256 sampled": dict(memory_budget="4.25bpw", calibration="self",
+                                                             calibration_samples=128),
 }
 MINILM_ROWS = ["RTN NF4 g64 (no planner, rank 0)", "sqlora default (auto = 4.25 bpw)", "sqlora 3.25bpw"]
 # MiniLM cannot sample its own text, so its calibrated rows read real text: 128 windows of 128 tokens of

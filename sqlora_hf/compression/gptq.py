@@ -262,7 +262,7 @@ def _refine(wt: torch.Tensor, h: torch.Tensor, codes_t: torch.Tensor, q_t: torch
     k, n = et.shape
     use_c = gptq_sweep.available(wt, h)
     keep_u8 = keep_t.to(torch.uint8).contiguous() if keep_t is not None else None
-    delta = torch.empty(min(block, k), n, dtype=torch.float32)
+    delta = torch.empty(min(block, k), n, dtype=torch.float32, device=wt.device)
     for _ in range(passes):
         for b0 in range(0, k, block):
             b1 = min(b0 + block, k)
