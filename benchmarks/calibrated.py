@@ -68,9 +68,12 @@ def main(argv=None) -> None:
                    help="SQLoRAConfig.scale_search: auto = the default (None: on for calibrated rows, off data-free)")
     p.add_argument("--refine-passes", type=int, default=None,
                    help="SQLoRAConfig.refine_passes (coordinate descent after GPTQ); default: the config's default")
+    p.add_argument("--asymmetric", choices=["auto", "on", "off"], default="auto",
+                   help="SQLoRAConfig.asymmetric_calibration (fit layers to the float model's outputs); auto = default")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     args.scale_search = {"auto": None, "on": True, "off": False}[args.scale_search]
+    args.asymmetric = {"auto": None, "on": True, "off": False}[args.asymmetric]
     if args.quick:
         args.samples, args.seq_len, args.windows = 16, 256, 8
     rows = ROWS if not args.quick else ROWS[:4]
@@ -90,7 +93,8 @@ def main(argv=None) -> None:
     for label, method, budget, tiers, rank, sparsity in rows:
         bits = 4 if budget is not None else tiers[0]
         cfg = SQLoRAConfig(bits=bits, group_size=64, sparsity=sparsity, rank=rank, memory_budget=budget, tiers=tiers,
-                           scale_search=args.scale_search, refine_passes=args.refine_passes)
+                           scale_search=args.scale_search, refine_passes=args.refine_passes,
+                           asymmetric_calibration=args.asymmetric)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         before = _rss_mb()
         peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
@@ -117,6 +121,7 @@ def main(argv=None) -> None:
             json.dump({"date": time.strftime("%Y-%m-%d"), "fp32_perplexity": base, "windows": args.windows,
                        "samples": args.samples, "seq_len": args.seq_len, "scale_search": args.scale_search,
                        "refine_passes": cfg.resolved_refine_passes(),
+                       "asymmetric_calibration": cfg.resolved_asymmetric_calibration(),
                        "rows": results}, f, indent=2)
 
 

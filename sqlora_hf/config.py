@@ -19,6 +19,9 @@ HEAD_BITS = (8,)
 # Coordinate-descent passes after each GPTQ sweep when `refine_passes` is None (docs/calibrated.md:
 # on SmolLM2's real Hessians 2 passes lower the layer output errors by 2-7 %, 4 passes by 2-10 %).
 DEFAULT_REFINE_PASSES = 2
+# Whether calibrated GPTQ aims at the float model's outputs when `asymmetric_calibration` is None
+# (SmolLM2, GPTQ-intrinsic under a budget: 4.25 bpw 1.056x -> 1.044-1.048x, 3.0 bpw 1.656x -> 1.504x).
+DEFAULT_ASYMMETRIC_CALIBRATION = True
 COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -44,7 +47,8 @@ class SQLoRAConfig(QuantizationConfigMixin):
         compute_dtype: dtype of the matmul: None (the activations' dtype), "float32", "float16",
             "bfloat16".
         backend: kernel backend: "auto" (fastest available) or a registered name such as "reference".
-        format_version: version of the packed format (docs/format.md).
+        format_version: version of the packed format (docs/format.md): compression writes the current
+            one (2); a checkpoint of an older version (1) is read with its own codebook.
         memory_budget: "auto" (default: the nominal bits per weight of `bits`/`group_size`, e.g. 4.25
             for 4-bit groups of 64, plus a pinned int `rank`'s bytes; the planner keeps `bits`, may only
             coarsen groups to pay for metadata, and buys rank where it pays), None (every layer exactly at `bits`/`group_size`), an int number of bytes or a size
@@ -68,6 +72,10 @@ class SQLoRAConfig(QuantizationConfigMixin):
             compression only; scales and sparsity masks stay as GPTQ chose them). Each pass revisits
             every weight with all the others fixed and can only lower the layer's output error
             (docs/calibrated.md). None (the default) means DEFAULT_REFINE_PASSES; 0 turns it off.
+        asymmetric_calibration: calibrated compression fits each layer, fed the compressed model's
+            inputs, to the *float* model's outputs (GPTAQ), so later layers undo part of the error of
+            earlier ones; costs one more forward pass of each block and a cross product per Linear.
+            None (the default) means DEFAULT_ASYMMETRIC_CALIBRATION.
         rank_keep: elastic rank: keep this fraction (0, 1] of every layer's correction directions,
             applied at load (also when reloading a saved model: see docs/algorithms.md).
         calibration: optional calibration data (a list of texts, a `datasets.Dataset` with a "text"
@@ -111,6 +119,7 @@ class SQLoRAConfig(QuantizationConfigMixin):
         qa_iterations: int = 2,
         scale_search: Optional[bool] = None,
         refine_passes: Optional[int] = None,
+        asymmetric_calibration: Optional[bool] = None,
         rank_keep: Optional[float] = None,
         head_bits: Optional[int] = None,
         **kwargs: Any,
@@ -149,6 +158,7 @@ class SQLoRAConfig(QuantizationConfigMixin):
         self.qa_iterations = qa_iterations
         self.scale_search = scale_search
         self.refine_passes = refine_passes
+        self.asymmetric_calibration = asymmetric_calibration
         self.rank_keep = rank_keep
         self.head_bits = head_bits
         self.post_init()
@@ -205,6 +215,8 @@ class SQLoRAConfig(QuantizationConfigMixin):
             raise _bad("scale_search", self.scale_search, "None (per path), True or False")
         if self.refine_passes is not None and (not _is_int(self.refine_passes) or not 0 <= self.refine_passes <= 20):
             raise _bad("refine_passes", self.refine_passes, "None (the default) or an int in 0 … 20")
+        if self.asymmetric_calibration is not None and not isinstance(self.asymmetric_calibration, bool):
+            raise _bad("asymmetric_calibration", self.asymmetric_calibration, "None (the default), True or False")
         if self.head_bits is not None and (not _is_int(self.head_bits) or self.head_bits not in HEAD_BITS):
             raise _bad("head_bits", self.head_bits, "None, " + ", ".join(map(str, HEAD_BITS)))
         k = self.rank_keep
@@ -248,6 +260,21 @@ class SQLoRAConfig(QuantizationConfigMixin):
     def resolved_refine_passes(self) -> int:
         """`refine_passes` with None resolved to the default."""
         return DEFAULT_REFINE_PASSES if self.refine_passes is None else self.refine_passes
+
+    def check_writable(self) -> None:
+        """Compression writes the current format version only; older versions are read, not written."""
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"SQLoRAConfig.format_version={self.format_version}: this sqlora_hf writes format version "
+                f"{FORMAT_VERSION} (it reads {list(SUPPORTED_FORMAT_VERSIONS)}); leave format_version at its default "
+                f"to compress a model"
+            )
+
+    def resolved_asymmetric_calibration(self) -> bool:
+        """`asymmetric_calibration` with None resolved to the default."""
+        if self.asymmetric_calibration is None:
+            return DEFAULT_ASYMMETRIC_CALIBRATION
+        return self.asymmetric_calibration
 
     @property
     def needs_calibration_run(self) -> bool:

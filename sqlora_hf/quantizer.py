@@ -179,6 +179,8 @@ class SQLoRAHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
         skip = modules_to_skip(model, self.quantization_config)
         self.modules_to_not_convert = skip
+        if not self.pre_quantized:
+            self.quantization_config.check_writable()
         if not self.pre_quantized and self.quantization_config.needs_calibration_run:
             # Calibrated compression needs whole blocks and their activations: load the fp model as
             # is and compress it block by block once loaded (_process_model_after_weight_loading).

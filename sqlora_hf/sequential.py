@@ -29,7 +29,7 @@ from transformers.utils import logging as hf_logging
 from .allocator import reuse_freed_memory
 from .calibration import prepare
 from .compression.calibrated import CalibratedSpec, compress_shared_input, compress_with_hessian
-from .compression.gptq import EighCache, gram
+from .compression.gptq import EighCache, float_targets, gram
 from .formats.layer import PackedLayer, layout_problem
 from .nn.linear import SQLoRALinear
 from .output_head import compress_output_head
@@ -39,6 +39,15 @@ logger = hf_logging.get_logger("sqlora_hf")
 # One pass holds every sample's activations at once: allow it while they take at most this share
 # of the memory available when compression starts.
 ONE_PASS_MEMORY_SHARE = 0.4
+# Asymmetric calibration carries the float model's stream for this many of the calibration samples,
+# and shrinks each target toward the float weight by this ridge (in units of mean(diag H)). SmolLM2 at
+# 4.25 bpw (perplexity ratio; docs/calibrated.md): 32 samples with ridge 0.01 / 0.1 / 1 / 10: 1.076 /
+# 1.053 / 1.046 / 1.051; 16 with ridge 1: 1.044-1.048; all 128 with ridge 0.01: 1.044 at twice the time.
+FLOAT_STREAM_SAMPLES = 16
+ASYMMETRIC_RIDGE = 1.0
+
+
+Inputs = list[tuple[tuple, dict]]  # a block's inputs: (args, kwargs) per chunk of samples
 
 
 class _Stop(Exception):
@@ -108,17 +117,93 @@ class _SharedGram:
         self.x = self.h = None
 
 
+class _FloatTargets:
+    """Asymmetric calibration: per group of Linears that read one input, the targets `W*` that make
+    them reproduce the float model (`compression.gptq.float_targets`).
+
+    `_float_pass` captured, for each Linear, the float stream's input and (where it is narrower than
+    the input) its output; the compressed stream's input arrives with the call. The float stream may
+    carry only the first `n` samples: `C` and `H` then both come from those samples' tokens, and GPTQ
+    still uses the Hessian of all samples. `C = Y_fᵀX` is formed whichever way is cheaper: from the
+    float outputs (`N·K` per token, e.g. down_proj) or as `W (X_fᵀX)` (`K²`, e.g. q/k/v, gate/up).
+    """
+
+    def __init__(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
+                 biases: dict[str, Optional[torch.Tensor]], ridge: float) -> None:
+        self.inputs, self.outputs, self.biases, self.ridge = inputs, outputs, biases, ridge
+
+    def __call__(self, group: list[str], x: torch.Tensor, h: torch.Tensor, weights: list[torch.Tensor]
+                 ) -> Optional[list[torch.Tensor]]:
+        xf = self.inputs.get(group[0])
+        if xf is None or x.dim() < 2 or xf.shape[1:] != x.shape[1:] or xf.shape[0] > x.shape[0]:
+            return None
+        k = x.shape[-1]
+        rows = x.detach()[: xf.shape[0]].reshape(-1, k).to(torch.float32)
+        tokens = max(rows.shape[0], 1)
+        if xf.shape[0] < x.shape[0]:  # `h` is over all samples: take the float stream's own
+            h = gram(rows) / tokens
+        weights = [w.to(torch.float32) for w in weights]
+        outs = [self.outputs.get(m) for m in group]
+        if all(o is not None for o in outs) and sum(w.shape[0] for w in weights) < k:
+            crosses = []
+            for m, out in zip(group, outs):
+                y = out.detach().reshape(-1, out.shape[-1]).to(torch.float32)
+                if self.biases.get(m) is not None:
+                    y = y - self.biases[m].detach().to(torch.float32)
+                crosses.append(y.T @ rows / tokens)
+        else:
+            m_cross = xf.detach().reshape(-1, k).to(torch.float32).T @ rows / tokens  # X_fᵀX
+            crosses = [w @ m_cross for w in weights]
+        return float_targets(weights, crosses, h, self.ridge)
+
+    def clear(self) -> None:
+        self.inputs, self.outputs = {}, {}
+
+
+def _float_pass(block: nn.Module, float_inputs: Inputs, targets: dict[str, nn.Module], ridge: float
+                ) -> tuple[_FloatTargets, Inputs]:
+    """Run the still-uncompressed block on the float model's stream: (the targets maker, holding each
+    Linear's float input and, where it is narrower, its output, both at its first call; the block's
+    outputs, i.e. the float stream for the next block)."""
+    names = {id(mod): name for name, mod in targets.items()}
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def pre_hook(mod, args):
+        inputs.setdefault(names[id(mod)], args[0])
+
+    def hook(mod, args, out):
+        weight = _dense_weight(mod)
+        if weight.shape[0] < weight.shape[1]:
+            outputs.setdefault(names[id(mod)], out)
+
+    handles = [mod.register_forward_pre_hook(pre_hook) for mod in targets.values()]
+    handles += [mod.register_forward_hook(hook) for mod in targets.values()]
+    try:
+        block_outputs = _run_block(block, float_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    biases = {name: mod.bias for name, mod in targets.items()}
+    return _FloatTargets(inputs, outputs, biases, ridge), block_outputs
+
+
 def _dense_weight(mod: nn.Module) -> torch.Tensor:
     """`[out, in]` whatever the module stores (GPT-2's Conv1D keeps `[in, out]`)."""
     return mod.weight.t() if isinstance(mod, Conv1D) else mod.weight
 
 
-def one_pass_fits(tokens: int, block: nn.Module) -> bool:
+def one_pass_fits(tokens: int, block: nn.Module, float_tokens: int = 0) -> bool:
     """Whether every sample's activations of one block fit `ONE_PASS_MEMORY_SHARE` of free memory."""
-    widths = [max(_dense_weight(m).shape) for m in block.modules() if isinstance(m, (nn.Linear, Conv1D))]
+    linears = [m for m in block.modules() if isinstance(m, (nn.Linear, Conv1D))]
+    widths = [max(_dense_weight(m).shape) for m in linears]
     # hidden states in and out, an MLP's intermediate tensors (gate, up, their product), and the freed
     # tensors `reuse_freed_memory` keeps for reuse: SmolLM2 at 128 × 512 grew by 3.2 GB (estimate 3.6)
     need = tokens * max(widths, default=0) * 4 * 9
+    # asymmetric calibration: the float stream's hidden states, every Linear's float input and the
+    # narrower outputs, held together
+    need += float_tokens * 4 * (2 * max(widths, default=0) + sum(min(_dense_weight(m).shape) for m in linears)
+                                + sum(_dense_weight(m).shape[1] for m in linears))
     return need <= ONE_PASS_MEMORY_SHARE * _available_bytes()
 
 
@@ -139,17 +224,25 @@ SpecFor = Callable[[str], CalibratedSpec]
 Groups = list[list[str]]  # names of Linears that read one input tensor, in call order
 
 
-def _compress_block_one_pass(block: nn.Module, block_name: str, inputs: list[tuple[tuple, dict]],
-                             targets: dict[str, nn.Module], spec_for: SpecFor, siblings: Optional[Groups] = None
-                             ) -> tuple[dict[str, tuple[PackedLayer, float]], list[tuple[tuple, dict]], Groups]:
-    """Compress `block` in one forward pass; also returns the groups of Linears seen reading one input.
+def _compress_block_one_pass(block: nn.Module, block_name: str, inputs: Inputs, targets: dict[str, nn.Module],
+                             spec_for: SpecFor, siblings: Optional[Groups] = None,
+                             float_inputs: Optional[Inputs] = None
+                             ) -> tuple[dict[str, tuple[PackedLayer, float]], Inputs, Groups, Optional[Inputs]]:
+    """Compress `block` in one forward pass: (results, the block's outputs, the groups of Linears seen
+    reading one input, the float stream's outputs when `float_inputs` is given).
 
     `siblings` are the groups the previous block showed (q/k/v, gate/up): when the first Linear of a
     group runs, the whole group is compressed at once (`compress_shared_input`: one stacked GPTQ
     sweep instead of one per Linear). The others' results wait until their own call, and are used
     only if that call reads the very same tensor; otherwise that Linear is compressed on its own.
+    With `float_inputs` (asymmetric calibration) the uncompressed block first runs on the float
+    model's stream, and each Linear is then fitted to the float model's outputs (`_FloatTargets`).
     """
     names = {id(mod): name for name, mod in targets.items()}
+    float_outputs = None
+    to_float = None
+    if float_inputs is not None:
+        to_float, float_outputs = _float_pass(block, float_inputs, targets, ASYMMETRIC_RIDGE)
     shared = _SharedGram(normalize=True)
     eig_cache = EighCache()
     done: dict[str, tuple[PackedLayer, float]] = {}
@@ -180,8 +273,11 @@ def _compress_block_one_pass(block: nn.Module, block_name: str, inputs: list[tup
         spec = spec_for(name)
         group = [name] + [m for m in group_of.get(name, []) if m != name and m in targets and m not in done
                           and m not in pending and spec_for(m) == spec]
-        results = compress_shared_input([_dense_weight(targets[m]) for m in group], shared(x), spec,
-                                        [f"{block_name}.{m}" for m in group], eig_cache)
+        h = shared(x)
+        weights = [_dense_weight(targets[m]) for m in group]
+        aimed = to_float(group, x, h, weights) if to_float is not None else None
+        weights = aimed if aimed is not None else weights
+        results = compress_shared_input(weights, h, spec, [f"{block_name}.{m}" for m in group], eig_cache)
         install(mod, name, results[0])
         pending.update((m, (x, r)) for m, r in zip(group[1:], results[1:]))
         return None
@@ -194,7 +290,9 @@ def _compress_block_one_pass(block: nn.Module, block_name: str, inputs: list[tup
             h.remove()
         shared.clear()
         pending.clear()
-    return done, outputs, [g for g in seen if len(g) > 1]
+        if to_float is not None:
+            to_float.clear()
+    return done, outputs, [g for g in seen if len(g) > 1], float_outputs
 
 
 def collect_hessians(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: dict[str, nn.Module]
@@ -222,16 +320,19 @@ def collect_hessians(block: nn.Module, inputs: list[tuple[tuple, dict]], targets
     return {name: h.div_(max(counts[name], 1)) for name, h in hessians.items()}, outputs
 
 
-def _compress_block_two_pass(block: nn.Module, block_name: str, inputs: list[tuple[tuple, dict]],
-                             targets: dict[str, nn.Module], spec_for: SpecFor, siblings: Optional[Groups] = None
-                             ) -> tuple[dict[str, tuple[PackedLayer, float]], None, Groups]:
+def _compress_block_two_pass(block: nn.Module, block_name: str, inputs: Inputs, targets: dict[str, nn.Module],
+                             spec_for: SpecFor, siblings: Optional[Groups] = None,
+                             float_inputs: Optional[Inputs] = None
+                             ) -> tuple[dict[str, tuple[PackedLayer, float]], None, Groups, None]:
+    if float_inputs is not None:
+        raise ValueError("asymmetric calibration needs the one-pass mode")  # _compress_model never asks
     hessians, _ = collect_hessians(block, inputs, targets)
     done = {}
     for name, mod in targets.items():
         if name in hessians:
             done[name] = compress_with_hessian(_dense_weight(mod), hessians.pop(name), spec_for(name),
                                                f"{block_name}.{name}")
-    return done, None, []
+    return done, None, [], None
 
 
 def compress_model(model: nn.Module, config: Any, calibration_data: Any = None, tokenizer: Any = None,
@@ -248,6 +349,7 @@ def _compress_model(model: nn.Module, config: Any, calibration_data: Any, tokeni
                     one_pass: Optional[bool]) -> nn.Module:
     from .quantizer import modules_to_skip
 
+    config.check_writable()
     data = calibration_data if calibration_data is not None else config.calibration
     batch = prepare(data, tokenizer, config.calibration_samples, config.calibration_seq_len, model=model)
     base = CalibratedSpec(bits=config.bits, group_size=config.group_size, sparsity=config.sparsity, rank=config.rank,
@@ -267,19 +369,33 @@ def _compress_model(model: nn.Module, config: Any, calibration_data: Any, tokeni
     def spec_for(full_name: str) -> CalibratedSpec:
         return specs.get(full_name, base)
 
+    ids = batch.input_ids
+    float_samples = min(FLOAT_STREAM_SAMPLES, ids.shape[0]) if config.resolved_asymmetric_calibration() else 0
     if one_pass is None:
-        one_pass = one_pass_fits(batch.input_ids.numel(), blocks[0])
+        one_pass = one_pass_fits(ids.numel(), blocks[0], float_samples * ids.shape[1])
+    if float_samples and not one_pass:
+        # Two passes compress a block's Linears together after collecting their inputs from the
+        # uncompressed block, so a later Linear (o_proj, gate/up) would correct again, toward the
+        # float model, the drift that the ones before it in the block have already corrected.
+        logger.warning("sqlora: asymmetric_calibration needs the one-pass mode (this model's activations "
+                       "do not fit in memory for it); compressing without it")
+        float_samples = 0
     compress_block = _compress_block_one_pass if one_pass else _compress_block_two_pass
     with torch.no_grad():
-        inputs = _capture_inputs(model, blocks[0], batch.input_ids,
-                                 batch.input_ids.shape[0] if one_pass else batch_size)
+        inputs = _capture_inputs(model, blocks[0], ids, ids.shape[0] if one_pass else batch_size)
+        # asymmetric calibration: the float model's stream over the first samples, from the same embeddings
+        float_inputs = None
+        if float_samples:
+            float_inputs = _capture_inputs(model, blocks[0], ids[:float_samples],
+                                           float_samples if one_pass else batch_size)
         siblings: Groups = []
         for index in hf_logging.tqdm(range(len(blocks)), desc="sqlora: calibrated compression", unit="block"):
             block = blocks[index]
             block_name = f"{prefix}.{index}"
             targets = _eligible(block, block_name, skip, config)
-            done, outputs, siblings = compress_block(block, block_name, inputs, targets,
-                                                     lambda name: spec_for(f"{block_name}.{name}"), siblings)
+            done, outputs, siblings, float_inputs = compress_block(
+                block, block_name, inputs, targets, lambda name: spec_for(f"{block_name}.{name}"), siblings,
+                float_inputs)
             for name, mod in targets.items():
                 if name not in done:
                     logger.warning(f"sqlora: {block_name}.{name} never ran on the calibration data; left uncompressed")

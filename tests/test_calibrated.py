@@ -162,7 +162,10 @@ def test_from_pretrained_with_json_built_config_uses_tokenizer_beside_model(tiny
         assert torch.equal(again(ids).logits, q(ids).logits)
 
 
-def test_sequential_feeds_compressed_outputs_to_the_next_block(tiny_model_dirs):
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_sequential_feeds_compressed_outputs_to_the_next_block(tiny_model_dirs, asymmetric):
+    """Block 1 is calibrated on block 0's compressed outputs; with asymmetric calibration it also runs,
+    first, on the float model's own stream, which must be exactly the uncompressed model's input there."""
     from transformers import AutoModelForCausalLM
 
     path, _ = tiny_model_dirs["llama"]
@@ -176,15 +179,147 @@ def test_sequential_feeds_compressed_outputs_to_the_next_block(tiny_model_dirs):
         model(calib, use_cache=False)
     fp_input = seen.pop()
     seen.clear()
-    sqlora_hf.compress(model, SQLoRAConfig(bits=3, rank=0, calibration_samples=4, calibration_seq_len=16), calib)
-    during_calibration = torch.cat(seen[: len(seen) // 2 or 1])
+    sqlora_hf.compress(model, SQLoRAConfig(bits=3, rank=0, calibration_samples=4, calibration_seq_len=16,
+                                           asymmetric_calibration=asymmetric), calib)
+    calls = list(seen)
     seen.clear()
     with torch.no_grad():
         model(calib, use_cache=False)
     compressed_input = seen.pop()
     handle.remove()
-    torch.testing.assert_close(during_calibration, compressed_input)
+    assert len(calls) == (2 if asymmetric else 1)  # one pass each: the float stream first, if any
+    torch.testing.assert_close(calls[-1], compressed_input)
     assert not torch.allclose(compressed_input, fp_input, atol=1e-3)
+    if asymmetric:
+        torch.testing.assert_close(calls[0], fp_input)
+
+
+def _distorted_streams(t=2048, k=64, n=24, seed=3):
+    """(float input, what compressed layers before feed instead, weight) of one layer."""
+    g = torch.Generator().manual_seed(seed)
+    xf = torch.randn(t, 16, generator=g) @ torch.randn(16, k, generator=g) + 0.3 * torch.randn(t, k, generator=g)
+    distortion = torch.eye(k) + 0.3 * torch.randn(k, k, generator=g) / k ** 0.5
+    x = xf @ distortion + 0.05 * torch.randn(t, k, generator=g)
+    return xf, x, torch.randn(n, k, generator=g)
+
+
+@pytest.mark.parametrize("ridge", [0.01, 1.0])
+def test_float_targets_turn_the_float_outputs_into_a_gptq_target(ridge):
+    """Asymmetric calibration: for every Q, ‖X Qᵀ − X_f Wᵀ‖² + λ‖Q − W‖² differs from GPTQ's own
+    objective ‖(Q − W*)(H + λI)^{1/2}‖² by a constant, so GPTQ aimed at `W*` fits the float outputs."""
+    from sqlora_hf.compression.gptq import float_targets
+
+    xf, x, w = _distorted_streams()
+    t, k = x.shape
+    h = (x.T @ x) / t
+    cross = (xf @ w.T).T @ x / t  # Y_fᵀ X
+    lam = ridge * float(torch.diagonal(h).mean())
+    target = float_targets([w], [cross], h, ridge)[0].double()
+    xd, xfd, wd, hd = x.double(), xf.double(), w.double(), h.double()
+
+    def asymmetric(q):
+        return float(((xd @ q.T - xfd @ wd.T) ** 2).sum() / t + lam * ((q - wd) ** 2).sum())
+
+    def gptq_objective(q):
+        return output_error(target, q, hd + lam * torch.eye(k, dtype=torch.float64))
+
+    g = torch.Generator().manual_seed(4)
+    qs = [wd, target, wd + 0.1 * torch.randn(w.shape, generator=g, dtype=torch.float64), torch.zeros_like(wd)]
+    offsets = [asymmetric(q) - gptq_objective(q) for q in qs]
+    assert max(offsets) - min(offsets) < 1e-5 * asymmetric(qs[3])
+    # the target fits the float outputs better than the weight itself does
+    assert asymmetric(target) < (0.5 if ridge < 0.1 else 0.9) * asymmetric(wd)
+    # identical streams: nothing to undo, the target is the weight
+    same = float_targets([w], [(x @ w.T).T @ x / t], h, ridge)[0]
+    torch.testing.assert_close(same, w, atol=1e-3, rtol=1e-4)
+
+
+def test_float_targets_are_the_same_from_outputs_or_from_inputs():
+    """`_FloatTargets` forms `C = Y_fᵀX` from captured outputs when the layers are narrow and as
+    `W X_fᵀX` otherwise: the same targets, also for a group of Linears sharing one input, with a bias,
+    and with the float stream covering only the first samples."""
+    from sqlora_hf.compression.gptq import float_targets
+    from sqlora_hf.sequential import _FloatTargets
+
+    xf, x, w = _distorted_streams(t=4 * 256)
+    xf, x = xf.view(4, 256, -1), x.view(4, 256, -1)
+    w1, w2 = w[:10], w[10:]
+    bias = torch.randn(w2.shape[0])
+    outs = {"a": xf @ w1.T, "b": xf @ w2.T + bias}
+    h_all = x.reshape(-1, x.shape[-1]).T @ x.reshape(-1, x.shape[-1]) / x[:, :, 0].numel()
+    for samples in (4, 2):
+        inputs = {"a": xf[:samples], "b": xf[:samples]}
+        sliced = {m: o[:samples] for m, o in outs.items()}
+        from_outputs = _FloatTargets(inputs, sliced, {"a": None, "b": bias}, 1.0)(["a", "b"], x, h_all, [w1, w2])
+        from_inputs = _FloatTargets(inputs, {}, {}, 1.0)(["a", "b"], x, h_all, [w1, w2])
+        rows, rows_f = x[:samples].reshape(-1, x.shape[-1]), xf[:samples].reshape(-1, x.shape[-1])
+        t = rows.shape[0]
+        direct = float_targets([w], [w @ (rows_f.T @ rows) / t], rows.T @ rows / t, 1.0)[0]
+        for got in (from_outputs, from_inputs):
+            torch.testing.assert_close(torch.cat(got), direct, atol=1e-4, rtol=1e-4)
+
+
+def _linear_io(model, ids):
+    """{name: (input, output)} of every Linear (packed or not) for one forward over `ids`."""
+    seen = {}
+
+    def keep(name):
+        def hook(_module, args, out):
+            seen.setdefault(name, (args[0], out))
+        return hook
+
+    handles = [mod.register_forward_hook(keep(name)) for name, mod in model.named_modules()
+               if isinstance(mod, (torch.nn.Linear, SQLoRALinear))]
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("float_samples", [16, 8])
+def test_asymmetric_calibration_fits_layers_to_the_float_model(tiny_model_dirs, float_samples, monkeypatch):
+    """What asymmetric calibration optimises, layer by layer: the compressed layer fed the compressed
+    model's inputs should reproduce the *float* layer fed the float model's inputs."""
+    from transformers import AutoModelForCausalLM
+
+    from sqlora_hf import sequential
+    from sqlora_hf.sequential import compress_model
+
+    monkeypatch.setattr(sequential, "FLOAT_STREAM_SAMPLES", float_samples)  # all samples, or the first half
+    path, _ = tiny_model_dirs["llama"]
+    calib = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(0))
+    reference = _linear_io(AutoModelForCausalLM.from_pretrained(path).eval(), calib)
+    errors = {}
+    for asymmetric in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        cfg = SQLoRAConfig(bits=3, rank=0, calibration_samples=16, calibration_seq_len=64,
+                           asymmetric_calibration=asymmetric)
+        compress_model(model, cfg, calib, one_pass=True)
+        io = _linear_io(model.eval(), calib)
+        later = [name for name in reference if ".layers.0." not in name and "lm_head" not in name]
+        assert later and all(isinstance(model.get_submodule(name), SQLoRALinear) for name in later)
+        errors[asymmetric] = sum(float((io[name][1] - reference[name][1]).pow(2).sum()) for name in later)
+    # all samples in the float stream: 1602 -> 945 here; the first half: 1602 -> 1285
+    assert errors[True] < (0.75 if float_samples == 16 else 1.0) * errors[False], errors
+
+
+def test_asymmetric_calibration_falls_back_to_plain_in_two_pass_mode(tiny_model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    from sqlora_hf.sequential import compress_model
+
+    path, _ = tiny_model_dirs["llama"]
+    calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for asymmetric in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        cfg = SQLoRAConfig(bits=3, rank=0, calibration_samples=4, calibration_seq_len=16,
+                           asymmetric_calibration=asymmetric)
+        compress_model(model, cfg, calib, batch_size=2, one_pass=False)
+        with torch.no_grad():
+            logits.append(model(calib).logits)
+    assert torch.equal(logits[0], logits[1])
 
 
 @pytest.mark.parametrize("data,needle", [
@@ -447,7 +582,7 @@ def test_one_pass_groups_shared_input_linears_and_a_wrong_guess_changes_nothing(
         for guess in (None, [["self_attn.q_proj", "mlp.gate_proj"]], [["self_attn.q_proj", "self_attn.k_proj"]]):
             block = copy.deepcopy(model.model.layers[0])
             targets = _eligible(block, "model.layers.0", [], SQLoRAConfig(bits=4, group_size=32))
-            done, _, groups = _compress_block_one_pass(block, "model.layers.0", inputs, targets, lambda _: spec, guess)
+            done, _, groups, _ = _compress_block_one_pass(block, "model.layers.0", inputs, targets, lambda _: spec, guess)
             packed[str(guess)] = {name: p.qcodes for name, (p, _) in done.items()}
             assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                               ["mlp.gate_proj", "mlp.up_proj"]]

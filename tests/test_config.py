@@ -31,6 +31,7 @@ def test_defaults_and_json_round_trip():
     ("backend", "tpu"),
     ("format_version", 0), ("format_version", "1"),
     ("refine_passes", -1), ("refine_passes", 1.5), ("refine_passes", True), ("refine_passes", 99),
+    ("asymmetric_calibration", 1), ("asymmetric_calibration", "yes"),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError) as err:
@@ -70,3 +71,12 @@ def test_refine_passes_default_and_choice():
     assert SQLoRAConfig().resolved_refine_passes() == DEFAULT_REFINE_PASSES
     assert SQLoRAConfig(refine_passes=0).resolved_refine_passes() == 0
     assert SQLoRAConfig.from_dict(SQLoRAConfig(refine_passes=3).to_dict()).resolved_refine_passes() == 3
+
+
+def test_asymmetric_calibration_default_and_choice():
+    from sqlora_hf.config import DEFAULT_ASYMMETRIC_CALIBRATION
+
+    assert SQLoRAConfig().resolved_asymmetric_calibration() is DEFAULT_ASYMMETRIC_CALIBRATION
+    for value in (True, False):
+        again = SQLoRAConfig.from_dict(SQLoRAConfig(asymmetric_calibration=value).to_dict())
+        assert again.resolved_asymmetric_calibration() is value

@@ -63,6 +63,38 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tens
     return float(((d @ hessian.to(torch.float64)) * d).sum())
 
 
+def float_targets(weights: list[torch.Tensor], crosses: list[torch.Tensor], hessian: torch.Tensor,
+                  ridge: float) -> list[torch.Tensor]:
+    """The weights `W*` GPTQ should aim at so that the compressed layers reproduce the *float* model.
+
+    Sequential GPTQ feeds each layer the inputs `X` that the compressed layers before it produce and
+    fits `Q` to `X Wᵀ`: it reproduces what the float layer would do on those inputs, so the errors of
+    earlier layers are carried forward, never undone. Aiming at the float model's own outputs
+    `Y_f = X_f Wᵀ` instead (the asymmetric calibration of GPTAQ, Li et al. 2025), with `C = Y_fᵀ X`
+    (`[N, K]`, equal to `W X_fᵀ X`; `crosses`) and `H = XᵀX`,
+
+        ‖X Qᵀ − Y_f‖² = ‖(Q − W°) H^{1/2}‖² + const,   W° = C H⁻¹,
+
+    so GPTQ, which minimises the right-hand form for a given target, runs unchanged on a new target.
+    The target used is the ridge estimate `W* = (C + λW)(H + λI)⁻¹`, the minimiser of
+    `‖X Qᵀ − Y_f‖² + λ‖Q − W‖²`, with `λ = ridge · mean(diag H)`. The ridge is what keeps `W*`
+    honest: `C` and `H` come from a few thousand calibration tokens, and the part of `Y_f − X Wᵀ` that
+    is not a linear function of `X` would otherwise be fitted as if it were (SmolLM2 at 4.25 bpw: a
+    ridge of 1 % of the mean diagonal made perplexity worse than plain GPTQ, one of 100 % better;
+    docs/calibrated.md). `crosses` and `hessian` must be normalised alike (both divided by the same
+    token count, or neither).
+    """
+    h = hessian.to(torch.float64)
+    k = h.shape[0]
+    diag = torch.diagonal(h)
+    live = diag > 0
+    lam = ridge * float(diag[live].mean()) if bool(live.any()) else 1.0
+    low = torch.linalg.cholesky(h + lam * torch.eye(k, dtype=torch.float64, device=h.device))
+    rhs = torch.cat([c.to(torch.float64) + lam * w.to(torch.float64) for w, c in zip(weights, crosses)])
+    targets = torch.cholesky_solve(rhs.T, low).T.to(torch.float32)
+    return list(targets.split([w.shape[0] for w in weights]))
+
+
 def _prepare_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     h = hessian.to(torch.float32).clone()
     diag = torch.diagonal(h)
