@@ -412,6 +412,127 @@ T_AVX2 static float row_dot4_pshufb64_avx2(const uint8_t *row, const float *scal
     return hsum256(_mm256_add_ps(tot0, tot1));
 }
 
+/* Batch-1 4-bit dense with bfloat16-exact table values (format version 2's codebook: the low 16 bits of
+ * every fp32 value are zero). Only the two high byte planes are looked up: 2 vpshufb per 32 codes, one
+ * byte unpack per 16 of them gives the bf16 words, and each word becomes its fp32 value with a shift
+ * (even words) or an AND (odd words): 8 shuffle-port µops per 32 weights instead of 12, same exact
+ * products. Measured on the Zen 3 dev VM, 4096x4096 g64, 1 thread, cold weights: 0.93 ms vs 1.39 ms
+ * for the 4-plane lookup (docs/kernels_cpu.md). Weight order per 64: BF16_ORDER64 (x is permuted once
+ * per call); lanes 0-3 of every vector come from the first 32-block, 4-7 from the second, as above. */
+static const uint8_t BF16_ORDER64[64] = {
+    0,  2,  4,  6,  32, 34, 36, 38, 1,  3,  5,  7,  33, 35, 37, 39, 8,  10, 12, 14, 40, 42, 44, 46,
+    9,  11, 13, 15, 41, 43, 45, 47, 16, 18, 20, 22, 48, 50, 52, 54, 17, 19, 21, 23, 49, 51, 53, 55,
+    24, 26, 28, 30, 56, 58, 60, 62, 25, 27, 29, 31, 57, 59, 61, 63};
+static const uint8_t BF16_ORDER32[32] = {0, 2, 4,  6,  16, 18, 20, 22, 1, 3, 5,  7,  17, 19, 21, 23,
+                                         8, 10, 12, 14, 24, 26, 28, 30, 9, 11, 13, 15, 25, 27, 29, 31};
+
+static int lut_is_bf16(const float *lut, int n) {
+    for (int e = 0; e < n; e++) {
+        uint32_t u; memcpy(&u, &lut[e], 4);
+        if (u & 0xFFFFu) return 0;
+    }
+    return 1;
+}
+
+static void permute_x64_bf16(const float *x, int64_t n, float *xp) {
+    int64_t b = 0;
+    for (; b + 64 <= n; b += 64)
+        for (int p = 0; p < 64; p++) xp[b + p] = x[b + BF16_ORDER64[p]];
+    for (; b < n; b += 32)
+        for (int p = 0; p < 32; p++) xp[b + p] = x[b + BF16_ORDER32[p]];
+}
+
+typedef struct { __m256i lo, hi, m4, top; } lut2_avx2_t;
+
+T_AVX2 static lut2_avx2_t lut2_avx2_init(const float *lut) {
+    uint8_t p[2][16];
+    for (int e = 0; e < 16; e++) {
+        uint32_t u; memcpy(&u, &lut[e], 4);
+        p[0][e] = (uint8_t)(u >> 16);
+        p[1][e] = (uint8_t)(u >> 24);
+    }
+    lut2_avx2_t t;
+    t.lo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p[0]));
+    t.hi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p[1]));
+    t.m4 = _mm256_set1_epi8(15);
+    t.top = _mm256_set1_epi32((int)0xFFFF0000u);
+    return t;
+}
+
+/* 32 codes in nibble bytes `v` -> 32 exact fp32 table values as 4 x 8 floats. */
+#define LUT2_AVX2_16(T, v, f0, f1, f2, f3)                                                                 \
+    do {                                                                                                  \
+        const __m256i lo_ = _mm256_shuffle_epi8((T).lo, v), hi_ = _mm256_shuffle_epi8((T).hi, v);         \
+        const __m256i wl_ = _mm256_unpacklo_epi8(lo_, hi_), wh_ = _mm256_unpackhi_epi8(lo_, hi_);         \
+        f0 = _mm256_castsi256_ps(_mm256_slli_epi32(wl_, 16));                                             \
+        f1 = _mm256_castsi256_ps(_mm256_and_si256(wl_, (T).top));                                         \
+        f2 = _mm256_castsi256_ps(_mm256_slli_epi32(wh_, 16));                                             \
+        f3 = _mm256_castsi256_ps(_mm256_and_si256(wh_, (T).top));                                         \
+    } while (0)
+
+#define DOT2_AVX2_64(T, src, xq, a0, a1)                                                                 \
+    do {                                                                                                  \
+        _mm_prefetch((const char *)(src) + SQ_PREFETCH, _MM_HINT_T0);                                     \
+        const __m256i v_ = _mm256_loadu_si256((const __m256i *)(src));                                    \
+        const __m256i cl_ = _mm256_and_si256(v_, (T).m4);                                                 \
+        const __m256i ch_ = _mm256_and_si256(_mm256_srli_epi16(v_, 4), (T).m4);                          \
+        __m256 f0_, f1_, f2_, f3_, e0_, e1_, e2_, e3_;                                                    \
+        LUT2_AVX2_16(T, cl_, f0_, f1_, f2_, f3_);                                                         \
+        LUT2_AVX2_16(T, ch_, e0_, e1_, e2_, e3_);                                                         \
+        a0 = _mm256_mul_ps(f0_, _mm256_loadu_ps((xq)));                                                   \
+        a1 = _mm256_mul_ps(f1_, _mm256_loadu_ps((xq) + 8));                                               \
+        a0 = _mm256_fmadd_ps(f2_, _mm256_loadu_ps((xq) + 16), a0);                                        \
+        a1 = _mm256_fmadd_ps(f3_, _mm256_loadu_ps((xq) + 24), a1);                                        \
+        a0 = _mm256_fmadd_ps(e0_, _mm256_loadu_ps((xq) + 32), a0);                                        \
+        a1 = _mm256_fmadd_ps(e1_, _mm256_loadu_ps((xq) + 40), a1);                                        \
+        a0 = _mm256_fmadd_ps(e2_, _mm256_loadu_ps((xq) + 48), a0);                                        \
+        a1 = _mm256_fmadd_ps(e3_, _mm256_loadu_ps((xq) + 56), a1);                                        \
+    } while (0)
+
+T_AVX2 static float row_dot4_bf16_avx2(const uint8_t *row, const float *scales, int group, int64_t K,
+                                       const float *xp, const lut2_avx2_t *T) {
+    __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
+    if (group == 32) { /* lanes 0-3 carry block A (scale k/32), lanes 4-7 block B (scale k/32 + 1) */
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64) {
+            __m256 a0, a1;
+            DOT2_AVX2_64(*T, row + k / 2, xp + k, a0, a1);
+            const __m256 s = _mm256_set_m128(_mm_set1_ps(scales[(k >> 5) + 1]), _mm_set1_ps(scales[k >> 5]));
+            tot0 = _mm256_fmadd_ps(a0, s, tot0);
+            tot1 = _mm256_fmadd_ps(a1, s, tot1);
+        }
+        if (k < K) { /* odd number of 32-blocks: the last one alone (lane 0: low nibbles, lane 1: high) */
+            __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(row + k / 2)));
+            v = _mm256_and_si256(_mm256_blend_epi32(v, _mm256_srli_epi16(v, 4), 0xF0), T->m4);
+            __m256 f0, f1, f2, f3;
+            LUT2_AVX2_16(*T, v, f0, f1, f2, f3);
+            __m256 a0 = _mm256_mul_ps(f0, _mm256_loadu_ps(xp + k));
+            __m256 a1 = _mm256_mul_ps(f1, _mm256_loadu_ps(xp + k + 8));
+            a0 = _mm256_fmadd_ps(f2, _mm256_loadu_ps(xp + k + 16), a0);
+            a1 = _mm256_fmadd_ps(f3, _mm256_loadu_ps(xp + k + 24), a1);
+            const __m256 s = _mm256_set1_ps(scales[k >> 5]);
+            tot0 = _mm256_fmadd_ps(a0, s, tot0);
+            tot1 = _mm256_fmadd_ps(a1, s, tot1);
+        }
+    } else { /* group >= 64: whole 64-steps inside one group */
+        const float *sc = scales;
+        for (int64_t g0 = 0; g0 < K; g0 += group, sc++) {
+            __m256 a0, a1;
+            DOT2_AVX2_64(*T, row + g0 / 2, xp + g0, a0, a1);
+            for (int64_t k = g0 + 64; k < g0 + group; k += 64) {
+                __m256 b0, b1;
+                DOT2_AVX2_64(*T, row + k / 2, xp + k, b0, b1);
+                a0 = _mm256_add_ps(a0, b0);
+                a1 = _mm256_add_ps(a1, b1);
+            }
+            const __m256 s = _mm256_set1_ps(*sc);
+            tot0 = _mm256_fmadd_ps(a0, s, tot0);
+            tot1 = _mm256_fmadd_ps(a1, s, tot1);
+        }
+    }
+    return hsum256(_mm256_add_ps(tot0, tot1));
+}
+
 /* Sparse batch 1 without cross-lane permutes. Per call, x is laid out in two arrays (`sparse_x_pq`):
  * for stored vector r of block t (mask bytes j = 8t + r and j' = j + 4)
  *   P = [x cols 8j..8j+3 | x cols 8j'+4..8j'+7],  Q = [x cols 8j+4..8j+7 | x cols 8j'..8j'+3].
@@ -946,12 +1067,15 @@ T_AVX2 static int gemv4_avx2(int n_threads, const float *x, int64_t N, int64_t K
                              const uint8_t *codes, const float *scales, const uint8_t *mask, const float *lut,
                              const float *t, const float *L, int64_t rank, const float *bias, float *y) {
     const lut4_avx2_t T = lut4_avx2_init(lut);
+    const int bf16 = !sparsity && lut_is_bf16(lut, 16); /* format 2's codebook: the 2-plane lookup */
+    const lut2_avx2_t T2 = lut2_avx2_init(lut);
     const int64_t spr = K / group;
     int bad_mask = 0;
     float *xp = (float *)malloc(sizeof(float) * (size_t)(sparsity ? 2 * K : K));
     if (!xp) return SQ_ENOMEM;
     float *xq = xp + (sparsity ? K : 0);
     if (sparsity) sparse_x_pq(x, K, xp, xq);
+    else if (bf16) permute_x64_bf16(x, K, xp);
     else permute_x64(x, K, xp);
     const int64_t rb = sparsity ? K / 4 : K / 2;
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
@@ -966,6 +1090,8 @@ T_AVX2 static int gemv4_avx2(int n_threads, const float *x, int64_t N, int64_t K
                 bad_mask = 1;
                 continue;
             }
+        } else if (bf16) {
+            acc = row_dot4_bf16_avx2(codes + n * rb, scales + n * spr, group, K, xp, &T2);
         } else {
             acc = row_dot4_pshufb64_avx2(codes + n * rb, scales + n * spr, group, K, xp, &T);
         }

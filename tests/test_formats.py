@@ -49,6 +49,39 @@ def test_codebooks_follow_their_construction(bits, table):
     assert 0.0 in table and table[0] == -1.0 and table[-1] == 1.0
 
 
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_version_2_codebooks_are_the_bfloat16_roundings(bits):
+    """Format 2's NF levels are format 1's rounded to bfloat16: exact float32 numbers whose low 16
+    bits are zero (what the two-byte-plane CPU lookup needs), within 0.32 % of the float32 levels."""
+    from sqlora_hf.formats import CODEBOOK_NF, CODEBOOK_NF_BF16, nf_table
+
+    v1, v2 = nf_table(bits, codebook=CODEBOOK_NF), nf_table(bits, codebook=CODEBOOK_NF_BF16)
+    assert torch.equal(v2, v1.to(torch.bfloat16).float())
+    assert torch.all(v2.view(torch.int32) & 0xFFFF == 0)
+    assert float(((v1 - v2).abs() / v1.abs().clamp_min(1e-6)).max()) < 3.2e-3
+    assert v2[0] == -1 and v2[-1] == 1 and 0.0 in v2.tolist()
+    assert not torch.equal(v1, v2)
+
+
+def test_version_1_layers_decode_with_their_own_codebook():
+    """A layer written as format 1 keeps its float32 NF levels; new layers are format 2."""
+    from sqlora_hf.formats import CODEBOOK_NF, CODEBOOK_NF_BF16, FORMAT_VERSION, nf_table
+
+    g = torch.Generator().manual_seed(9)
+    codes = torch.randint(0, 16, (3, 64), generator=g, dtype=torch.int32).to(torch.uint8)
+    scales = torch.rand(3, 1, generator=g).to(torch.float16) + 0.5
+    layers = {v: PackedLayer(PackedLayer.make_meta(4, 64, None, 3, 64, 0, version=v), pack_codes(codes, 4), scales)
+              for v in (1, 2)}
+    for version, codebook in ((1, CODEBOOK_NF), (2, CODEBOOK_NF_BF16)):
+        layers[version].validate(f"v{version}")
+        assert layers[version].codebook == codebook
+        expected = nf_table(4, codebook=codebook)[codes.long()] * scales.float()
+        assert torch.equal(layers[version].dequantize(), expected)
+    assert FORMAT_VERSION == 2 and int(compress_weight(torch.randn(4, 64), CompressionSpec()).qmeta[0]) == 2
+    with pytest.raises(ValueError, match="format version must be one of"):
+        PackedLayer.make_meta(4, 64, None, 3, 64, 0, version=3)
+
+
 def test_mask_round_trip_and_patterns():
     torch.manual_seed(0)
     w = torch.randn(5, 64)
@@ -113,7 +146,9 @@ def _layer():
 
 
 @pytest.mark.parametrize("breakage,needle", [
-    (lambda p: p.qmeta.__setitem__(0, 2), "format version 2"),
+    (lambda p: p.qmeta.__setitem__(0, 3), "format version 3"),
+    (lambda p: p.qmeta.__setitem__(0, 1), "codebook 2; 4-bit layers of format version 1 use 0"),
+    (lambda p: p.qmeta.__setitem__(7, 0), "codebook 0; 4-bit layers of format version 2 use 2"),
     (lambda p: setattr(p, "qcodes", p.qcodes[:, :-1]), "qcodes"),
     (lambda p: setattr(p, "qscales", p.qscales.float()), "qscales"),
     (lambda p: setattr(p, "qmask", None), "qmask is missing"),

@@ -60,6 +60,23 @@ def test_every_format_matches_reference(isa, bits, group, sparsity):
         assert_close_rel(run(module, x, "cpu"), run(module, x, "reference"))
 
 
+@pytest.mark.parametrize("group,k", [(64, 192), (32, 96), (128, 256)])
+def test_format_1_layers_match_reference(isa, group, k):
+    """Layers of format version 1 (float32 NF levels: the 4-byte-plane lookup) and of version 2
+    (bfloat16 levels: the 2-plane lookup) both match the reference, which decodes each with its own table."""
+    from sqlora_hf.formats.codebooks import CODEBOOK_NF
+
+    module = make_layer(37, k, 4, group, None, rank=3, bias=True)
+    x = torch.randn(1, k)
+    y2 = run(module, x, "cpu")
+    assert_close_rel(y2, run(module, x, "reference"))
+    module.qmeta[0], module.qmeta[7] = 1, CODEBOOK_NF  # in place: the kernel cache sees the new version
+    assert module.packed().codebook == CODEBOOK_NF
+    y1 = run(module, x, "cpu")
+    assert_close_rel(y1, run(module, x, "reference"))
+    assert not torch.equal(y1, y2)  # the two codebooks differ, and each layer used its own
+
+
 @pytest.mark.parametrize("rank,bias", [(0, False), (0, True), (7, False), (16, True)])
 @pytest.mark.parametrize("m", [1, 2, 5, 64])
 def test_batches_and_lowrank(isa, rank, bias, m):

@@ -159,10 +159,47 @@ def test_broken_prequantized_checkpoint_is_an_error_naming_the_tensor(saved_quan
 def test_newer_format_version_in_config_is_refused(saved_quantized):
     directory, kind = saved_quantized
     cfg = json.load(open(directory / "config.json"))
-    cfg["quantization_config"]["format_version"] = 2
+    cfg["quantization_config"]["format_version"] = 3
     json.dump(cfg, open(directory / "config.json", "w"))
-    with pytest.raises(ValueError, match="format_version=2 is newer"):
+    with pytest.raises(ValueError, match="format_version=3 is newer"):
         _load(directory, kind)
+
+
+def test_format_version_1_checkpoint_still_loads_with_its_own_codebook(saved_quantized, tiny_model_dirs):
+    """A checkpoint written by a version-1 sqlora_hf (float32 NF levels, codebook 0) loads and computes
+    with those levels; compressing a new model as version 1 is refused (only the current one is written)."""
+    from sqlora_hf.formats import CODEBOOK_NF, nf_table
+
+    directory, kind = saved_quantized
+
+    def to_v1(sd):
+        for key in [k for k in sd if k.endswith(".qmeta")]:
+            meta = sd[key].clone()
+            if int(meta[1]) != 8:
+                meta[0], meta[7] = 1, CODEBOOK_NF
+            sd[key] = meta
+
+    _edit_checkpoint(directory, to_v1)
+    cfg = json.load(open(directory / "config.json"))
+    cfg["quantization_config"]["format_version"] = 1
+    json.dump(cfg, open(directory / "config.json", "w"))
+    model = _load(directory, kind)
+    layer = model.model.layers[0].mlp.up_proj
+    packed = layer.packed()
+    assert packed.version == 1 and packed.codebook == CODEBOOK_NF
+    from sqlora_hf.formats import unpack_codes, unpack_mask
+
+    values = nf_table(4, codebook=CODEBOOK_NF)[unpack_codes(packed.qcodes, 4, packed.n_stored).long()]
+    values = values * packed.qscales.float().repeat_interleave(packed.group_size // 2, dim=1)
+    dense = torch.zeros(packed.out_features, packed.in_features)
+    dense[unpack_mask(packed.qmask)] = values.reshape(-1)
+    assert torch.equal(packed.dequantize_quantized(), dense)
+    x = torch.randn(3, packed.in_features)
+    torch.testing.assert_close(layer(x), x @ (dense + packed.lowrank_product()).T + (layer.bias if layer.bias is not None else 0),
+                               rtol=1e-4, atol=1e-5)
+    path, _ = tiny_model_dirs["llama"]
+    with pytest.raises(ValueError, match="format_version=1: this sqlora_hf writes format version 2"):
+        _load(path, kind, quantization_config=SQLoRAConfig(format_version=1))
 
 
 def test_truncated_checkpoint_is_an_error(saved_quantized):

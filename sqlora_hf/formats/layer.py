@@ -10,11 +10,14 @@ from typing import Optional
 
 import torch
 
-from .codebooks import CODEBOOK_INT8, CODEBOOK_NF, codebook_for_bits, decode_values
+from .codebooks import CODEBOOK_INT8, CODEBOOK_NF, CODEBOOK_NF_BF16, codebook_for_bits, decode_values
 from .packing import check_mask_pattern, packed_row_bytes, unpack_codes, unpack_mask
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+# Version 2 differs from 1 only in the normal-float codebook (float32 levels -> bfloat16 levels);
+# new layers are written as version 2, version-1 layers keep decoding with their own tables.
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+NF_CODEBOOK_OF_VERSION = {1: CODEBOOK_NF, 2: CODEBOOK_NF_BF16}
 SPARSITY_CODES = {None: 0, "2:4": 1, "4:8": 2}
 SPARSITY_NAMES = {v: k for k, v in SPARSITY_CODES.items()}
 ALLOWED_BITS = (2, 3, 4, 8)
@@ -78,15 +81,22 @@ class PackedLayer:
         return int(self.qmeta[META_RANK])
 
     @property
+    def codebook(self) -> int:
+        return int(self.qmeta[META_CODEBOOK])
+
+    @property
     def n_stored(self) -> int:
         return self.in_features // 2 if self.sparsity else self.in_features
 
     @staticmethod
     def make_meta(bits: int, group_size: int, sparsity: Optional[str], out_features: int,
-                  in_features: int, rank: int) -> torch.Tensor:
+                  in_features: int, rank: int, version: int = FORMAT_VERSION) -> torch.Tensor:
+        """`qmeta` of a layer written as format `version` (its codebook follows from the version)."""
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            raise ValueError(f"format version must be one of {list(SUPPORTED_FORMAT_VERSIONS)}; got {version!r}")
         return torch.tensor(
-            [FORMAT_VERSION, bits, group_size, SPARSITY_CODES[sparsity], out_features, in_features,
-             rank, codebook_for_bits(bits)],
+            [version, bits, group_size, SPARSITY_CODES[sparsity], out_features, in_features,
+             rank, codebook_for_bits(bits, NF_CODEBOOK_OF_VERSION[version])],
             dtype=torch.int32,
         )
 
@@ -127,9 +137,10 @@ class PackedLayer:
         problem = layout_problem(bits, g, self.sparsity, k)
         if problem:
             raise FormatError(f"{name}.qmeta: {problem}")
-        expected_cb = CODEBOOK_INT8 if bits == 8 else CODEBOOK_NF
-        if int(m[META_CODEBOOK]) != expected_cb:
-            raise FormatError(f"{name}.qmeta has codebook {int(m[META_CODEBOOK])}; {bits}-bit uses {expected_cb}")
+        expected_cb = CODEBOOK_INT8 if bits == 8 else NF_CODEBOOK_OF_VERSION[self.version]
+        if self.codebook != expected_cb:
+            raise FormatError(f"{name}.qmeta has codebook {self.codebook}; {bits}-bit layers of format version "
+                              f"{self.version} use {expected_cb}")
         self._expect(name, "qcodes", self.qcodes, torch.uint8, (n, packed_row_bytes(self.n_stored, bits)))
         self._expect(name, "qscales", self.qscales, torch.float16, (n, k // g))
         if self.sparsity:
@@ -181,7 +192,7 @@ class PackedLayer:
         """Ŵ as a dense `[N, K]` matrix (without the low-rank term): the oracle every kernel matches."""
         n, k, g = self.out_features, self.in_features, self.group_size
         codes = unpack_codes(self.qcodes, self.bits, self.n_stored)
-        values = decode_values(codes, self.bits, torch.float32)  # [N, Kc]
+        values = decode_values(codes, self.bits, torch.float32, self.codebook)  # [N, Kc]
         per_group = g // 2 if self.sparsity else g
         scales = self.qscales.to(torch.float32).repeat_interleave(per_group, dim=1)
         values = values * scales

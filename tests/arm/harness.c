@@ -21,7 +21,16 @@ static uint8_t random_mask_byte(int sparsity) {
     for (;;) { uint8_t b = (uint8_t)next_u32(); if (__builtin_popcount(b) == 4) return b; }
 }
 
-static int check_case(int isa, int bits, int group, int sparsity, int64_t M, int64_t N, int64_t K, int64_t rank, int bias_on) {
+/* Round to the nearest bfloat16 (format version 2's codebook values): selects the 2-plane lookups. */
+static float to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static int check_case(int isa, int bits, int group, int sparsity, int64_t M, int64_t N, int64_t K, int64_t rank, int bias_on,
+                      int bf16_lut) {
     const int64_t n_stored = sparsity ? K / 2 : K;
     const int64_t rb = bits == 8 ? n_stored : n_stored / 32 * 4 * bits;
     uint8_t *codes = malloc(N * rb), *mask = malloc(N * K / 8);
@@ -32,7 +41,7 @@ static int check_case(int isa, int bits, int group, int sparsity, int64_t M, int
     for (int64_t i = 0; i < N * rb; i++) codes[i] = (uint8_t)next_u32();
     for (int64_t i = 0; i < N * K / 8; i++) mask[i] = random_mask_byte(sparsity ? sparsity : 2);
     for (int64_t i = 0; i < N * (K / group); i++) scales[i] = 0.01f + 0.1f * fabsf(next_f());
-    for (int i = 0; i < 16; i++) lut[i] = next_f();
+    for (int i = 0; i < 16; i++) lut[i] = bf16_lut ? to_bf16(next_f()) : next_f();
     for (int64_t i = 0; i < M * K; i++) x[i] = next_f();
     for (int64_t i = 0; i < N * rank; i++) L[i] = next_f();
     for (int64_t i = 0; i < rank * K; i++) R[i] = 0.1f * next_f();
@@ -49,8 +58,8 @@ static int check_case(int isa, int bits, int group, int sparsity, int64_t M, int
     double rel = sqrt(num / (den + 1e-30));
     int ok = rc0 == 0 && rc1 == 0 && rel < 1e-5;
     if (!ok)
-        printf("FAIL isa=%d bits=%d g=%d sparsity=%d M=%lld N=%lld K=%lld rank=%lld rc=%d/%d rel=%.3g\n", isa, bits, group,
-               sparsity, (long long)M, (long long)N, (long long)K, (long long)rank, rc0, rc1, rel);
+        printf("FAIL isa=%d bits=%d g=%d sparsity=%d M=%lld N=%lld K=%lld rank=%lld bf16=%d rc=%d/%d rel=%.3g\n", isa, bits,
+               group, sparsity, (long long)M, (long long)N, (long long)K, (long long)rank, bf16_lut, rc0, rc1, rel);
     /* a wrong length must be refused */
     int rc_bad = sqlora_cpu_linear(isa, 1, x, M, N, K, bits, group, sparsity, codes, N * rb - 1, scales, N * (K / group),
                                    sparsity ? mask : NULL, N * K / 8, bits == 8 ? NULL : lut, lut_len, L, R, rank,
@@ -206,16 +215,24 @@ int main(void) {
                     if (sp && g % 64) continue;
                     for (int bi = 0; bi < 3; bi++) {
                         int64_t rank = bi == 1 ? 0 : 5;
-                        checks++;
-                        failures += !check_case(isa, bits_list[b], g, sp, batches[bi], 37, 2 * g + (g == 32 ? 64 : 0), rank, bi != 2);
+                        for (int bf = 0; bf <= (bits_list[b] == 8 ? 0 : 1); bf++) {
+                            checks++;
+                            failures += !check_case(isa, bits_list[b], g, sp, batches[bi], 37, 2 * g + (g == 32 ? 64 : 0),
+                                                    rank, bi != 2, bf);
+                        }
+                        if (bits_list[b] == 4 && !sp) { /* an odd number of 32-blocks per row (K = 3g for g = 32) */
+                            checks++;
+                            failures += !check_case(isa, 4, g, 0, batches[bi], 37, 3 * g, rank, bi != 2, 1);
+                        }
                     }
                 }
         /* layers large enough that the driver really uses 2 threads (small ones run on one) */
         for (int sp = 0; sp <= 2; sp++)
-            for (int64_t m = 1; m <= 3; m += 2) {
-                checks++;
-                failures += !check_case(isa, 4, 64, sp, m, 301, 2048, m == 1 ? 3 : 0, 1);
-            }
+            for (int64_t m = 1; m <= 3; m += 2)
+                for (int bf = 0; bf <= 1; bf++) {
+                    checks++;
+                    failures += !check_case(isa, 4, 64, sp, m, 301, 2048, m == 1 ? 3 : 0, 1, bf);
+                }
         /* the integer-activation paths: 12-bit on AVX2/AVX-512, 8-bit there and on dotprod (elsewhere
          * the flags are ignored) */
         if (isa == ISA_AVX2 || isa == ISA_AVX512) {

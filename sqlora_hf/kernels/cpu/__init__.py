@@ -42,7 +42,7 @@ def prepared(module) -> dict:
     cache["codes"] = p.qcodes.contiguous()
     cache["scales"] = p.qscales.to(torch.float32).contiguous()
     cache["mask"] = None if p.qmask is None else p.qmask.contiguous()
-    cache["lut"] = nf_table(p.bits) if p.bits != 8 else torch.zeros(1)
+    cache["lut"] = nf_table(p.bits, codebook=p.codebook) if p.bits != 8 else torch.zeros(1)
     cache["L"] = None if p.rank == 0 else p.lowrank_l.to(torch.float32).contiguous()
     cache["R"] = None if p.rank == 0 else p.lowrank_r.to(torch.float32).contiguous()
     cache["meta"] = (p.out_features, p.bits, p.group_size, _SPARSITY_CODE[p.sparsity])
@@ -66,7 +66,7 @@ def _fast_forward(module, x: torch.Tensor):
     """
     c = module._kernel_cache.get("cpu")
     if (not c or type(x) is not torch.Tensor or x.dtype is not torch.float32 or not x.is_cpu
-            or not x.is_contiguous() or module.backend != c["backend_name"]
+            or not x.is_contiguous() or module.backend != c.get("backend_name")
             or module.compute_dtype not in (None, torch.float32)):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or (module.bias is not None and module.bias.requires_grad)):
@@ -96,9 +96,10 @@ class CPUBackend:
 
     def linear(self, module, x: torch.Tensor) -> torch.Tensor:
         c = prepared(module)
-        if "forward" not in module._kernel_cache:
+        if "backend_name" not in c:
             # This module runs on this backend: from now on its plain inference calls may skip the
             # generic forward (see `_fast_forward`); the entry goes when the kernel cache is cleared.
+            # (`prepared` rebuilds `c` after an in-place change of a buffer, so this is set again then.)
             module._kernel_cache["forward"] = _fast_forward
             c["backend_name"] = module.backend
         x32 = x.to(torch.float32).contiguous()

@@ -221,7 +221,7 @@ def prepare(module) -> PreparedLayer:
         bits = packed.bits
         lut = torch.zeros(16, device=device)  # the NF codebook padded to 16 entries (none for int8)
         if bits != 8:
-            lut[: 1 << bits] = nf_table(bits, torch.float32, device)
+            lut[: 1 << bits] = nf_table(bits, torch.float32, device, packed.codebook)
         sparse = packed.sparsity is not None
         select = select_table(device) if sparse else torch.zeros(1, dtype=torch.uint8, device=device)
         r_fp32 = packed.lowrank_r.to(torch.float32).contiguous() if packed.rank > 0 else None
