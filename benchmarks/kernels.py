@@ -25,10 +25,12 @@ import torch.nn.functional as F
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 BATCHES = [1, 4, 16, 64]
-FORMATS = [(4, 64, None), (4, 64, "4:8")]
+# (bits, group, sparsity, format version): version 2 (bfloat16 NF levels, what compression writes) and,
+# for comparison, version 1's float32 levels (the 4-byte-plane lookup)
+FORMATS = [(4, 64, None, 2), (4, 64, None, 1), (4, 64, "4:8", 2)]
 
 
-def random_packed(n: int, k: int, bits: int, group: int, sparsity, gen: torch.Generator) -> dict:
+def random_packed(n: int, k: int, bits: int, group: int, sparsity, version: int, gen: torch.Generator) -> dict:
     """Random but valid kernel inputs for one layer (codes are arbitrary bytes; masks keep 4 of 8)."""
     n_stored = k // 2 if sparsity else k
     row_bytes = n_stored if bits == 8 else n_stored // 32 * 4 * bits
@@ -40,8 +42,10 @@ def random_packed(n: int, k: int, bits: int, group: int, sparsity, gen: torch.Ge
         bits_kept = torch.zeros(n, k // 8, 8, dtype=torch.int32).scatter_(-1, keep, 1)
         mask = (bits_kept << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
     from sqlora_hf.formats.codebooks import nf_table
+    from sqlora_hf.formats.layer import NF_CODEBOOK_OF_VERSION
 
-    return dict(codes=codes, scales=scales, mask=mask, lut=nf_table(bits) if bits != 8 else torch.zeros(1),
+    lut = nf_table(bits, codebook=NF_CODEBOOK_OF_VERSION[version]) if bits != 8 else torch.zeros(1)
+    return dict(codes=codes, scales=scales, mask=mask, lut=lut,
                 bits=bits, group=group, sparsity={None: 0, "2:4": 1, "4:8": 2}[sparsity], n=n)
 
 
@@ -121,7 +125,7 @@ def bench_layers(args) -> list[dict]:
                 calls = {"fp32": (lambda w: F.linear(x, w), w32), "bf16": (lambda w: F.linear(xb, w), w16)}
                 for fmt, items in packs.items():
                     variants = [("", None)]
-                    if args.int_act and m == 1 and fmt[2] is None and fmt[0] == 4:
+                    if args.int_act and m == 1 and fmt[2] is None and fmt[0] == 4 and fmt[3] == 2:
                         variants += [(" int-act12", "1"), (" int-act8", "8")]
                     for suffix, flag in variants:
                         def call(p, flag=flag):
@@ -150,7 +154,8 @@ def record(rows, n, k, m, threads, fmt, suffix, tq, items, roof_gbs, t32, t16, l
     nbytes = packed_bytes(items[0])
     ms = statistics.median(tq)
     rows.append(dict(
-        shape=f"{n}x{k}", batch=m, threads=threads, format=f"{fmt[0]}-bit g{fmt[1]} {fmt[2] or 'dense'}{suffix}",
+        shape=f"{n}x{k}", batch=m, threads=threads,
+        format=f"{fmt[0]}-bit g{fmt[1]} {fmt[2] or 'dense'}{' (v1 levels)' if fmt[3] == 1 else ''}{suffix}",
         isa=library.selected_isa(), ms=ms * 1e3, gbs=nbytes / ms / 1e9,
         roofline_gbs=roof_gbs, roofline_frac=(nbytes / ms / 1e9) / roof_gbs,
         fp32_ms=statistics.median(t32) * 1e3, bf16_ms=statistics.median(t16) * 1e3,
