@@ -156,6 +156,16 @@ static float int8_levels(const float *lut, int8_t m[16]) {
     return amax / SQ_L8_MAX;
 }
 
+/* Whether every table value is a bfloat16 (format version 2's codebook: the low 16 bits are zero),
+ * which lets the 4-bit kernels look up two byte planes instead of four. */
+static int lut_is_bf16(const float *lut, int n) {
+    for (int e = 0; e < n; e++) {
+        uint32_t u; memcpy(&u, &lut[e], 4);
+        if (u & 0xFFFFu) return 0;
+    }
+    return 1;
+}
+
 /* ---------------------------------------------------------------------------------------------- */
 /* x86: AVX2 + FMA and AVX-512                                                                    */
 
@@ -425,14 +435,6 @@ static const uint8_t BF16_ORDER64[64] = {
     24, 26, 28, 30, 56, 58, 60, 62, 25, 27, 29, 31, 57, 59, 61, 63};
 static const uint8_t BF16_ORDER32[32] = {0, 2, 4,  6,  16, 18, 20, 22, 1, 3, 5,  7,  17, 19, 21, 23,
                                          8, 10, 12, 14, 24, 26, 28, 30, 9, 11, 13, 15, 25, 27, 29, 31};
-
-static int lut_is_bf16(const float *lut, int n) {
-    for (int e = 0; e < n; e++) {
-        uint32_t u; memcpy(&u, &lut[e], 4);
-        if (u & 0xFFFFu) return 0;
-    }
-    return 1;
-}
 
 static void permute_x64_bf16(const float *x, int64_t n, float *xp) {
     int64_t b = 0;
@@ -878,6 +880,31 @@ static void decode_row_neon(const uint8_t *row, int bits, const float *lut, cons
         return;
     }
     if (bits != 4) { decode_row_scalar(row, bits, lut, scales, per_group, n_stored, out); return; }
+    if (lut_is_bf16(lut, 16)) { /* format 2's bfloat16 levels: only the two high byte planes */
+        uint8_t p[2][16];
+        for (int e = 0; e < 16; e++) {
+            uint32_t u; memcpy(&u, &lut[e], 4);
+            p[0][e] = (uint8_t)(u >> 16);
+            p[1][e] = (uint8_t)(u >> 24);
+        }
+        const uint8x16_t lo_plane = vld1q_u8(p[0]), hi_plane = vld1q_u8(p[1]), m4 = vdupq_n_u8(15);
+        for (int64_t t = 0; t < n_stored / 32; t++) {
+            const uint8x16_t b = vld1q_u8(row + 16 * t);
+            const uint8x16_t cs[2] = {vandq_u8(b, m4), vshrq_n_u8(b, 4)};
+            const float32x4_t s = vdupq_n_f32(scales[(t * 32) / per_group]);
+            for (int h = 0; h < 2; h++) {
+                /* 16 bf16 words in column order; a word shifted into the top half is its exact float */
+                const uint8x16x2_t w = vzipq_u8(vqtbl1q_u8(lo_plane, cs[h]), vqtbl1q_u8(hi_plane, cs[h]));
+                const uint16x8_t w0 = vreinterpretq_u16_u8(w.val[0]), w1 = vreinterpretq_u16_u8(w.val[1]);
+                float *o = out + 32 * t + 16 * h;
+                vst1q_f32(o, vmulq_f32(vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(w0), 16)), s));
+                vst1q_f32(o + 4, vmulq_f32(vreinterpretq_f32_u32(vshll_n_u16(vget_high_u16(w0), 16)), s));
+                vst1q_f32(o + 8, vmulq_f32(vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(w1), 16)), s));
+                vst1q_f32(o + 12, vmulq_f32(vreinterpretq_f32_u32(vshll_n_u16(vget_high_u16(w1), 16)), s));
+            }
+        }
+        return;
+    }
     uint8x16_t plane[4];
     {
         uint8_t p[4][16];
