@@ -424,11 +424,12 @@ def test_calibrated_budget_is_met_and_mixes_configurations(tiny_model_dirs, budg
 
 
 def test_calibrated_budget_hessian_errors_rank_like_the_output_error():
-    """The planner's error of a candidate is its relative output error under H (rank 0)."""
+    """Without the GPTQ ratio, a candidate's error is its round-to-nearest relative output error under H."""
     from sqlora_hf.compression.planner import hessian_candidates
 
     w, h = _layer(11)
-    cands = {(c.bits, c.group_size, c.rank): c for c in hessian_candidates(w, h, [3, 4], None, 0, sample_every=1)}
+    cands = {(c.bits, c.group_size, c.rank): c
+             for c in hessian_candidates(w, h, [3, 4], None, 0, sample_every=1, gptq_ratio=False)}
     codes, scales = quantize_groups(w, 3, 64)
     expected = output_error(w, dequantize_groups(codes, scales, 3), h) / output_error(w, torch.zeros_like(w), h)
     assert abs(cands[(3, 64, 0)].error - expected) < 1e-6 * max(expected, 1)
@@ -442,16 +443,53 @@ def test_sensitivity_weighted_errors_are_the_weighted_output_error():
     w, h = _layer(12)
     f = torch.rand(w.shape[0]) ** 4  # very unequal channel weights
     cands = {(c.bits, c.group_size, c.rank): c
-             for c in hessian_candidates(w, h, [3, 4], None, 0, sample_every=1, sensitivity=f)}
+             for c in hessian_candidates(w, h, [3, 4], None, 0, sample_every=1, sensitivity=f, gptq_ratio=False)}
     codes, scales = quantize_groups(w, 3, 64)
     e = (w - dequantize_groups(codes, scales, 3)).double()
     expected = float((((e @ h.double()) * e).sum(1) * f.double()).sum())
     assert abs(cands[(3, 64, 0)].error - expected) < 1e-5 * expected
     # sampling every 4th row estimates the same total
     sampled = {(c.bits, c.group_size, c.rank): c
-               for c in hessian_candidates(w, h, [3], None, 0, sample_every=4, sensitivity=torch.ones(w.shape[0]))}
+               for c in hessian_candidates(w, h, [3], None, 0, sample_every=4, sensitivity=torch.ones(w.shape[0]),
+                                           gptq_ratio=False)}
     full = float(((e @ h.double()) * e).sum())
     assert 0.5 * full < sampled[(3, 64, 0)].error < 2.0 * full
+
+
+def test_planner_errors_are_what_gptq_leaves_of_each_tier():
+    """By default a tier's errors are scaled by GPTQ/RTN on that layer, measured, never above RTN."""
+    from sqlora_hf.compression.planner import hessian_candidates
+
+    w, h = _layer(13)
+    plain = {(c.bits, c.group_size, c.rank): c.error
+             for c in hessian_candidates(w, h, [3, 4], None, 0, sample_every=1, gptq_ratio=False)}
+    scaled = {(c.bits, c.group_size, c.rank): c.error for c in hessian_candidates(w, h, [3, 4], None, 0, sample_every=1)}
+    assert plain.keys() == scaled.keys()
+    norm = output_error(w, torch.zeros_like(w), h)
+    for bits in (3, 4):
+        g = min(gg for b, gg, _ in plain if b == bits)
+        r = gptq(w, h, bits, g, act_order=True)
+        expected = output_error(w, r.dequantized, h) / norm
+        assert abs(scaled[(bits, g, 0)] - expected) < 1e-4 * expected
+        ratio = scaled[(bits, g, 0)] / plain[(bits, g, 0)]
+        assert ratio < 0.9  # this layer's correlated inputs are what GPTQ exploits
+        for (b, gg, rank), e in scaled.items():
+            if b == bits:  # the same ratio for every group size of the tier
+                assert abs(e / plain[(b, gg, rank)] - ratio) < 1e-6
+
+
+def test_sweep_factor_reuse_gives_the_same_sweep():
+    from sqlora_hf.compression.gptq import sweep_factor
+
+    w, h = _layer(14)
+    for act_order in (False, True):
+        f = sweep_factor(h, act_order=act_order)
+        for bits in (3, 4):
+            a = gptq(w, h, bits, 64, act_order=act_order)
+            b = gptq(w, h, bits, 64, act_order=act_order, factor=f)
+            assert torch.equal(a.codes, b.codes) and torch.equal(a.dequantized, b.dequantized)
+    with pytest.raises(ValueError, match="act_order"):
+        gptq(w, h, 4, 64, act_order=True, factor=sweep_factor(h, act_order=False))
 
 
 def test_output_sensitivity_is_the_squared_loss_gradient_at_each_layer_output(tiny_model_dirs):

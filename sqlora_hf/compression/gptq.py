@@ -120,6 +120,26 @@ def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
     raise ValueError("the calibration Hessian is not positive definite even with heavy damping")
 
 
+@dataclass
+class SweepFactor:
+    """The damped Hessian in sweep order, that order, and the upper Cholesky factor of its inverse."""
+
+    h: torch.Tensor
+    perm: torch.Tensor
+    hinv: torch.Tensor
+    act_order: bool
+
+
+def sweep_factor(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = False) -> SweepFactor:
+    """What every GPTQ sweep of one Hessian needs first; the costly part is the inverse (O(K³))."""
+    h = _prepare_hessian(hessian, damp)
+    perm = torch.arange(h.shape[0], device=h.device)
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True)
+        h = h[perm][:, perm]
+    return SweepFactor(h=h, perm=perm, hinv=_inverse_cholesky_upper(h), act_order=act_order)
+
+
 def _group_scale(w: torch.Tensor, keep: Optional[torch.Tensor], bits: int) -> torch.Tensor:
     """Absmax scale of one group `[N, g]` (kept weights only), rounded to float16."""
     a = w.abs() if keep is None else w.abs() * keep
@@ -156,6 +176,7 @@ def gptq(
     scale_search: bool = False,
     static_scales: Optional[torch.Tensor] = None,
     refine_passes: int = 0,
+    factor: Optional["SweepFactor"] = None,
 ) -> GPTQResult:
     """Quantize `weight` `[N, K]` to minimise the output error under `hessian` `[K, K]`.
 
@@ -164,6 +185,8 @@ def gptq(
     With `act_order`, `static_scales` (from `act_order_scales`) saves recomputing the group scales
     when the same weight is swept twice (GPTQ-intrinsic's plain and deflated sweeps).
     `refine_passes` > 0 then runs that many passes of coordinate descent on the codes (`_refine`).
+    `factor` (from `sweep_factor` with the same hessian, damp and act_order) skips the Cholesky
+    work when one Hessian serves several sweeps, e.g. the planner's one sweep per tier.
     """
     if act_order and sparsity:
         raise ValueError("act_order cannot be combined with sparsity (the n:m blocks must stay in column order)")
@@ -171,22 +194,22 @@ def gptq(
     n, k = w_full.shape
     if k % group_size:
         raise ValueError(f"in_features={k} is not a multiple of group_size={group_size}")
-    h = _prepare_hessian(hessian, damp)
+    if factor is None:
+        factor = sweep_factor(hessian, damp, act_order)
+    elif factor.act_order != act_order or factor.perm.numel() != k:
+        raise ValueError("factor was made for another act_order or layer width")
+    h, perm, hinv = factor.h, factor.perm, factor.hinv
     dead = torch.diagonal(hessian) <= 0
     w_full[:, dead] = 0.0
     table = None if bits == 8 else nf_table(bits, torch.float32, weight.device)
     n_keep, m = PATTERNS[sparsity] if sparsity else (0, 1)
 
-    perm = torch.arange(k, device=weight.device)
     if act_order:
-        perm = torch.argsort(torch.diagonal(h), descending=True)
         if static_scales is None:
             static_scales = act_order_scales(weight, hessian, bits, group_size, scale_search)
-        h = h[perm][:, perm]
     else:
         static_scales = None
     w = w_full[:, perm]
-    hinv = _inverse_cholesky_upper(h)
 
     # Columns of W are the sweep's unit, so the sweep works on Wᵀ: every column is a contiguous row,
     # and the per-column error feedback is one rank-1 update (`addr_`) instead of strided writes.
