@@ -176,7 +176,7 @@ def gptq(
     scale_search: bool = False,
     static_scales: Optional[torch.Tensor] = None,
     refine_passes: int = 0,
-    factor: Optional["SweepFactor"] = None,
+    factor: Optional[SweepFactor] = None,
 ) -> GPTQResult:
     """Quantize `weight` `[N, K]` to minimise the output error under `hessian` `[K, K]`.
 

@@ -260,19 +260,21 @@ def _whitened_energy(residual: "torch.Tensor", hessian: "torch.Tensor", count: i
     return top_singular_values(e @ c, count).double() ** 2
 
 
-def _scale_by_gptq(quant_err: dict, ws: "torch.Tensor", keep: Optional["torch.Tensor"], h: "torch.Tensor",
-                   row_weight: "torch.Tensor", sparsity: Optional[str]) -> None:
-    """Scale each tier's round-to-nearest errors by what GPTQ actually leaves of them on this layer."""
-    import torch
+def _row_weighted_error(e: "torch.Tensor", h: "torch.Tensor", row_weight: "torch.Tensor") -> float:
+    """`Σ_n w_n (E H Eᵀ)_nn`: each output row's error on the calibration inputs, weighted."""
+    return float((((e @ h) * e).sum(1) * row_weight).sum())
 
+
+def _scale_by_gptq(quant_err: dict[tuple[int, int], float], ws: "torch.Tensor", keep: Optional["torch.Tensor"],
+                   h: "torch.Tensor", row_weight: "torch.Tensor", sparsity: Optional[str]) -> None:
+    """Scale each tier's round-to-nearest errors by what GPTQ actually leaves of them on this layer."""
     from .gptq import gptq, sweep_factor
 
     factor = sweep_factor(h, act_order=not sparsity)  # one inverse serves every tier
     for bits in sorted({b for b, _ in quant_err}):
         g = min(gg for b, gg in quant_err if b == bits)
         r = gptq(ws, h, bits, g, sparsity=sparsity, keep=keep, act_order=not sparsity, factor=factor)
-        e = ws - r.dequantized
-        err = float((((e @ h) * e).sum(1) * row_weight).sum())
+        err = _row_weighted_error(ws - r.dequantized, h, row_weight)
         rtn = quant_err[(bits, g)]
         ratio = min(err / rtn, 1.0) if rtn > 0 else 1.0
         for key in [k for k in quant_err if k[0] == bits]:
@@ -342,7 +344,7 @@ def hessian_candidates(weight: "torch.Tensor", hessian: "torch.Tensor", tiers: S
             codes, s16 = quantize_groups(stored, bits, g // 2 if sparsity else g)
             q = dequantize_groups(codes, s16, bits)
             e = ws - (expand(q, ks) if ks is not None else q)
-            quant_err[(bits, g)] = float((((e @ h) * e).sum(1) * row_weight).sum())
+            quant_err[(bits, g)] = _row_weighted_error(e, h, row_weight)
     if not quant_err:
         return []
     if gptq_ratio:
