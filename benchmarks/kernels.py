@@ -41,10 +41,9 @@ def random_packed(n: int, k: int, bits: int, group: int, sparsity, version: int,
         keep = torch.rand(n, k // 8, 8, generator=gen).argsort(-1)[..., :4]
         bits_kept = torch.zeros(n, k // 8, 8, dtype=torch.int32).scatter_(-1, keep, 1)
         mask = (bits_kept << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
-    from sqlora_hf.formats.codebooks import nf_table
-    from sqlora_hf.formats.layer import NF_CODEBOOK_OF_VERSION
+    from sqlora_hf.formats.codebooks import codebook_for_bits, nf_table
 
-    lut = nf_table(bits, codebook=NF_CODEBOOK_OF_VERSION[version]) if bits != 8 else torch.zeros(1)
+    lut = nf_table(bits, codebook=codebook_for_bits(bits, version)) if bits != 8 else torch.zeros(1)
     return dict(codes=codes, scales=scales, mask=mask, lut=lut,
                 bits=bits, group=group, sparsity={None: 0, "2:4": 1, "4:8": 2}[sparsity], n=n)
 

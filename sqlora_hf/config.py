@@ -48,7 +48,7 @@ class SQLoRAConfig(QuantizationConfigMixin):
             "bfloat16".
         backend: kernel backend: "auto" (fastest available) or a registered name such as "reference".
         format_version: version of the packed format (docs/format.md): compression writes the current
-            one (2); a checkpoint of an older version (1) is read with its own codebook.
+            one (3); a checkpoint of an older version (1, 2) is read with its own codebooks.
         memory_budget: "auto" (default: the nominal bits per weight of `bits`/`group_size`, e.g. 4.25
             for 4-bit groups of 64, plus a pinned int `rank`'s bytes; the planner keeps `bits`, may only
             coarsen groups to pay for metadata, and buys rank where it pays), None (every layer exactly at `bits`/`group_size`), an int number of bytes or a size

@@ -25,6 +25,13 @@ def _unique_bytes(model: nn.Module) -> int:
 
 
 TIER_NAMES = {2: "NF2", 3: "NF3", 4: "NF4", 8: "int8"}
+SKEW2_NAME = "skew2"  # format 3's 2-bit table (codebook 3)
+
+
+def _tier_name(bits: int, codebook: int) -> str:
+    from .formats.codebooks import CODEBOOK_SKEW2
+
+    return SKEW2_NAME if codebook == CODEBOOK_SKEW2 else TIER_NAMES.get(bits, f"{bits}-bit")
 
 
 def _layer_entry(module: SQLoRALinear) -> dict[str, Any]:
@@ -38,7 +45,7 @@ def _layer_entry(module: SQLoRALinear) -> dict[str, Any]:
         "rank": p.rank,
         "bytes": nbytes,
         "bits_per_weight": 8 * nbytes / (p.out_features * p.in_features),
-        "tier": TIER_NAMES.get(p.bits, f"{p.bits}-bit"),
+        "tier": _tier_name(p.bits, p.codebook),
         # ||W − Ŵ − L·R||_F / ||W||_F measured at compression; None when unknown (a reloaded model).
         "relative_error": getattr(module, "relative_error", None),
     }

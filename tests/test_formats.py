@@ -64,7 +64,7 @@ def test_version_2_codebooks_are_the_bfloat16_roundings(bits):
 
 
 def test_version_1_layers_decode_with_their_own_codebook():
-    """A layer written as format 1 keeps its float32 NF levels; new layers are format 2."""
+    """A layer written as format 1 keeps its float32 NF levels; new layers are the current format (3)."""
     from sqlora_hf.formats import CODEBOOK_NF, CODEBOOK_NF_BF16, FORMAT_VERSION, nf_table
 
     g = torch.Generator().manual_seed(9)
@@ -77,9 +77,49 @@ def test_version_1_layers_decode_with_their_own_codebook():
         assert layers[version].codebook == codebook
         expected = nf_table(4, codebook=codebook)[codes.long()] * scales.float()
         assert torch.equal(layers[version].dequantize(), expected)
-    assert FORMAT_VERSION == 2 and int(compress_weight(torch.randn(4, 64), CompressionSpec()).qmeta[0]) == 2
+    assert FORMAT_VERSION == 3 and int(compress_weight(torch.randn(4, 64), CompressionSpec()).qmeta[0]) == 3
     with pytest.raises(ValueError, match="format version must be one of"):
-        PackedLayer.make_meta(4, 64, None, 3, 64, 0, version=3)
+        PackedLayer.make_meta(4, 64, None, 3, 64, 0, version=4)
+
+
+def test_version_3_writes_2_bit_layers_with_the_skewed_table():
+    """Format 3 changes only the 2-bit table; a version-2 2-bit layer still decodes with NF2, and a
+    layer whose codebook does not match its version is refused."""
+    from sqlora_hf.formats import CODEBOOK_NF_BF16, nf_table
+    from sqlora_hf.formats.codebooks import CODEBOOK_SKEW2, _SKEW2, codebook_for_bits
+
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 4, (5, 64), generator=g, dtype=torch.int32).to(torch.uint8)
+    scales = torch.rand(5, 2, generator=g).to(torch.float16) + 0.5
+    for version, codebook in ((2, CODEBOOK_NF_BF16), (3, CODEBOOK_SKEW2)):
+        layer = PackedLayer(PackedLayer.make_meta(2, 32, None, 5, 64, 0, version=version), pack_codes(codes, 2), scales)
+        layer.validate(f"v{version}")
+        assert layer.codebook == codebook
+        expected = nf_table(2, codebook=codebook)[codes.long()] * scales.float().repeat_interleave(32, 1)
+        assert torch.equal(layer.dequantize(), expected)
+    skew = nf_table(2, codebook=CODEBOOK_SKEW2)
+    assert skew.tolist() == list(_SKEW2) and torch.all(skew.view(torch.int32) & 0xFFFF == 0)  # bfloat16-exact
+    assert [codebook_for_bits(b, 3) for b in (3, 4)] == [CODEBOOK_NF_BF16] * 2
+    layer.qmeta[7] = CODEBOOK_NF_BF16  # a version-3 2-bit layer claiming NF2
+    with pytest.raises(FormatError, match="codebook 2; 2-bit layers of format version 3 use 3"):
+        layer.validate("bad")
+    with pytest.raises(ValueError, match="no 3-bit table"):
+        nf_table(3, codebook=CODEBOOK_SKEW2)
+
+
+def test_plain_2_bit_scale_puts_the_largest_weight_on_the_minus_one_level():
+    """The skewed table's top level is 0.5625, so plain round-to-nearest signs the scale: each group's
+    largest-magnitude weight is reproduced exactly (up to float16) whatever its sign."""
+    from sqlora_hf.compression.rtn import dequantize_groups, quantize_groups
+
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(4))
+    codes, s16 = quantize_groups(w, 2, 64)
+    q = dequantize_groups(codes, s16, 2)
+    groups, qg = w.view(16, 2, 64), q.view(16, 2, 64)
+    idx = groups.abs().argmax(-1, keepdim=True)
+    assert torch.allclose(qg.gather(-1, idx), groups.gather(-1, idx), rtol=1e-3)
+    assert (codes.view(16, 2, 64).gather(-1, idx) == 0).all()
+    assert (s16 < 0).any() and (s16 > 0).any()
 
 
 def test_mask_round_trip_and_patterns():
@@ -146,9 +186,9 @@ def _layer():
 
 
 @pytest.mark.parametrize("breakage,needle", [
-    (lambda p: p.qmeta.__setitem__(0, 3), "format version 3"),
+    (lambda p: p.qmeta.__setitem__(0, 4), "format version 4"),
     (lambda p: p.qmeta.__setitem__(0, 1), "codebook 2; 4-bit layers of format version 1 use 0"),
-    (lambda p: p.qmeta.__setitem__(7, 0), "codebook 0; 4-bit layers of format version 2 use 2"),
+    (lambda p: p.qmeta.__setitem__(7, 0), "codebook 0; 4-bit layers of format version 3 use 2"),
     (lambda p: setattr(p, "qcodes", p.qcodes[:, :-1]), "qcodes"),
     (lambda p: setattr(p, "qscales", p.qscales.float()), "qscales"),
     (lambda p: setattr(p, "qmask", None), "qmask is missing"),

@@ -159,9 +159,9 @@ def test_broken_prequantized_checkpoint_is_an_error_naming_the_tensor(saved_quan
 def test_newer_format_version_in_config_is_refused(saved_quantized):
     directory, kind = saved_quantized
     cfg = json.load(open(directory / "config.json"))
-    cfg["quantization_config"]["format_version"] = 3
+    cfg["quantization_config"]["format_version"] = 4
     json.dump(cfg, open(directory / "config.json", "w"))
-    with pytest.raises(ValueError, match="format_version=3 is newer"):
+    with pytest.raises(ValueError, match="format_version=4 is newer"):
         _load(directory, kind)
 
 
@@ -198,7 +198,7 @@ def test_format_version_1_checkpoint_still_loads_with_its_own_codebook(saved_qua
     torch.testing.assert_close(layer(x), x @ (dense + packed.lowrank_product()).T + (layer.bias if layer.bias is not None else 0),
                                rtol=1e-4, atol=1e-5)
     path, _ = tiny_model_dirs["llama"]
-    with pytest.raises(ValueError, match="format_version=1: this sqlora_hf writes format version 2"):
+    with pytest.raises(ValueError, match="format_version=1: this sqlora_hf writes format version 3"):
         _load(path, kind, quantization_config=SQLoRAConfig(format_version=1))
 
 

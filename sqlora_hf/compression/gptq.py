@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..formats.codebooks import nf_table
-from .rtn import nearest_nf
+from .rtn import nearest_nf, plain_scales
 from .scales import search_scales
 from .sparsity import PATTERNS
 
@@ -142,10 +142,7 @@ def sweep_factor(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = Fa
 
 def _group_scale(w: torch.Tensor, keep: Optional[torch.Tensor], bits: int) -> torch.Tensor:
     """Absmax scale of one group `[N, g]` (kept weights only), rounded to float16."""
-    a = w.abs() if keep is None else w.abs() * keep
-    absmax = a.amax(-1)
-    s = absmax / 127.0 if bits == 8 else absmax
-    return s.to(torch.float16)
+    return plain_scales(w if keep is None else w * keep, bits).to(torch.float16)
 
 
 def act_order_scales(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.codebooks import nf_midpoints, nf_table
+from ..formats.codebooks import is_skewed, nf_midpoints, nf_table
 
 
 def nearest_nf(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -11,19 +11,33 @@ def nearest_nf(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.bucketize(x.clamp(-1, 1).contiguous(), nf_midpoints(bits, x.device))
 
 
+def plain_scales(groups: torch.Tensor, bits: int) -> torch.Tensor:
+    """The absmax scale of each group `[..., g]` (int8: absmax/127), float32.
+
+    For a skewed table (top level below 1, `codebooks.is_skewed`) the scale is minus the group's
+    largest-magnitude weight, so that weight lands exactly on the −1 level.
+    """
+    absmax = groups.abs().amax(-1)
+    if bits == 8:
+        return absmax / 127.0
+    if is_skewed(bits):
+        extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        return -extreme
+    return absmax
+
+
 def quantize_groups(values: torch.Tensor, bits: int, group_len: int,
                     scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize `[N, Kc]` values in groups of `group_len` along the row.
 
     Returns (codes uint8 `[N, Kc]`, scales float16 `[N, Kc/group_len]`). The scale is the group's
-    absmax (int8: absmax/127) unless `scales` is given. Codes are chosen against the *fp16-rounded*
+    absmax (int8: absmax/127; signed for a skewed table, `plain_scales`) unless `scales` is given. Codes are chosen against the *fp16-rounded*
     scale, so the stored scale and codes agree exactly.
     """
     n, kc = values.shape
     v = values.to(torch.float32).view(n, kc // group_len, group_len)
     if scales is None:
-        absmax = v.abs().amax(-1)
-        scales = absmax / 127.0 if bits == 8 else absmax
+        scales = plain_scales(v, bits)
     scales16 = scales.to(torch.float16)
     if not bool(torch.isfinite(scales16).all()):
         raise ValueError("a group scale overflows float16 (|weight| > 65504 or NaN/Inf in the weight)")

@@ -10,14 +10,14 @@ from typing import Optional
 
 import torch
 
-from .codebooks import CODEBOOK_INT8, CODEBOOK_NF, CODEBOOK_NF_BF16, codebook_for_bits, decode_values
+from .codebooks import CODEBOOKS_OF_VERSION, CURRENT_VERSION, codebook_for_bits, decode_values
 from .packing import check_mask_pattern, packed_row_bytes, unpack_codes, unpack_mask
 
-# Version 2 differs from 1 only in the normal-float codebook (float32 levels -> bfloat16 levels);
-# new layers are written as version 2, version-1 layers keep decoding with their own tables.
-FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
-NF_CODEBOOK_OF_VERSION = {1: CODEBOOK_NF, 2: CODEBOOK_NF_BF16}
+# The versions differ only in their level tables (codebooks.CODEBOOKS_OF_VERSION): 2 rounds the NF
+# levels to bfloat16, 3 writes 2-bit layers with the skewed table. New layers are written as the
+# current version; older layers keep decoding with their own tables.
+FORMAT_VERSION = CURRENT_VERSION
+SUPPORTED_FORMAT_VERSIONS = tuple(sorted(CODEBOOKS_OF_VERSION))
 SPARSITY_CODES = {None: 0, "2:4": 1, "4:8": 2}
 SPARSITY_NAMES = {v: k for k, v in SPARSITY_CODES.items()}
 ALLOWED_BITS = (2, 3, 4, 8)
@@ -96,7 +96,7 @@ class PackedLayer:
             raise ValueError(f"format version must be one of {list(SUPPORTED_FORMAT_VERSIONS)}; got {version!r}")
         return torch.tensor(
             [version, bits, group_size, SPARSITY_CODES[sparsity], out_features, in_features,
-             rank, codebook_for_bits(bits, NF_CODEBOOK_OF_VERSION[version])],
+             rank, codebook_for_bits(bits, version)],
             dtype=torch.int32,
         )
 
@@ -137,7 +137,7 @@ class PackedLayer:
         problem = layout_problem(bits, g, self.sparsity, k)
         if problem:
             raise FormatError(f"{name}.qmeta: {problem}")
-        expected_cb = CODEBOOK_INT8 if bits == 8 else NF_CODEBOOK_OF_VERSION[self.version]
+        expected_cb = codebook_for_bits(bits, self.version)
         if self.codebook != expected_cb:
             raise FormatError(f"{name}.qmeta has codebook {self.codebook}; {bits}-bit layers of format version "
                               f"{self.version} use {expected_cb}")
