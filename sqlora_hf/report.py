@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .formats.codebooks import CODEBOOK_SKEW2
 from .nn.linear import SQLoRALinear
 
 
@@ -25,13 +26,10 @@ def _unique_bytes(model: nn.Module) -> int:
 
 
 TIER_NAMES = {2: "NF2", 3: "NF3", 4: "NF4", 8: "int8"}
-SKEW2_NAME = "skew2"  # format 3's 2-bit table (codebook 3)
 
 
 def _tier_name(bits: int, codebook: int) -> str:
-    from .formats.codebooks import CODEBOOK_SKEW2
-
-    return SKEW2_NAME if codebook == CODEBOOK_SKEW2 else TIER_NAMES.get(bits, f"{bits}-bit")
+    return "skew2" if codebook == CODEBOOK_SKEW2 else TIER_NAMES.get(bits, f"{bits}-bit")
 
 
 def _layer_entry(module: SQLoRALinear) -> dict[str, Any]:

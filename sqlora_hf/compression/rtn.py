@@ -30,9 +30,10 @@ def quantize_groups(values: torch.Tensor, bits: int, group_len: int,
                     scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize `[N, Kc]` values in groups of `group_len` along the row.
 
-    Returns (codes uint8 `[N, Kc]`, scales float16 `[N, Kc/group_len]`). The scale is the group's
-    absmax (int8: absmax/127; signed for a skewed table, `plain_scales`) unless `scales` is given. Codes are chosen against the *fp16-rounded*
-    scale, so the stored scale and codes agree exactly.
+    Returns (codes uint8 `[N, Kc]`, scales float16 `[N, Kc/group_len]`). The scale is
+    `plain_scales` (the group's absmax; int8: absmax/127; signed for a skewed table) unless `scales`
+    is given. Codes are chosen against the *fp16-rounded* scale, so the stored scale and codes agree
+    exactly.
     """
     n, kc = values.shape
     v = values.to(torch.float32).view(n, kc // group_len, group_len)

@@ -39,10 +39,6 @@ CODEBOOK_NF = 0  # format version 1: the NF tables above, float32
 CODEBOOK_INT8 = 1  # both versions: the code is the int8 level
 CODEBOOK_NF_BF16 = 2  # format versions 2 and 3: the NF tables rounded to bfloat16
 CODEBOOK_SKEW2 = 3  # format version 3, 2-bit layers: the skewed table above
-NF_CODEBOOKS = (CODEBOOK_NF, CODEBOOK_NF_BF16)
-LEVEL_CODEBOOKS = (CODEBOOK_NF, CODEBOOK_NF_BF16, CODEBOOK_SKEW2)
-# What new 3- and 4-bit layers are written with (the current format version's NF codebook).
-DEFAULT_NF_CODEBOOK = CODEBOOK_NF_BF16
 # The codebook of each bit width in each format version.
 CODEBOOKS_OF_VERSION = {
     1: {2: CODEBOOK_NF, 3: CODEBOOK_NF, 4: CODEBOOK_NF, 8: CODEBOOK_INT8},
@@ -50,6 +46,8 @@ CODEBOOKS_OF_VERSION = {
     3: {2: CODEBOOK_SKEW2, 3: CODEBOOK_NF_BF16, 4: CODEBOOK_NF_BF16, 8: CODEBOOK_INT8},
 }
 CURRENT_VERSION = 3
+# The level-table codebooks of each bit width (every version's, so old layers keep decoding).
+_CODEBOOKS_OF_BITS = {b: sorted({m[b] for m in CODEBOOKS_OF_VERSION.values()}) for b in (2, 3, 4)}
 
 _TABLES = {4: _NF4, 3: _NF3, 2: _NF2}
 _CACHE: dict[tuple, torch.Tensor] = {}
@@ -87,9 +85,9 @@ def nf_table(bits: int, dtype: torch.dtype = torch.float32, device: torch.device
         raise ValueError(f"level tables exist for 2, 3 and 4 bits; got {bits!r}")
     if codebook is None:
         codebook = codebook_for_bits(bits)
-    if codebook not in LEVEL_CODEBOOKS or (codebook == CODEBOOK_SKEW2 and bits != 2):
-        raise ValueError(f"codebook {codebook!r} has no {bits}-bit table (tables: NF {list(NF_CODEBOOKS)} for "
-                         f"2, 3, 4 bits, skewed {CODEBOOK_SKEW2} for 2 bits)")
+    if codebook not in _CODEBOOKS_OF_BITS[bits]:
+        raise ValueError(f"codebook {codebook!r} has no {bits}-bit table ({bits}-bit codebooks: "
+                         f"{_CODEBOOKS_OF_BITS[bits]})")
     key = (bits, codebook, dtype, torch.device(device))
     table = _CACHE.get(key)
     if table is None:
