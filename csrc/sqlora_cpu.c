@@ -66,7 +66,7 @@ int sqlora_cpu_best_isa(void) {
     return ISA_SCALAR;
 }
 
-int sqlora_cpu_abi_version(void) { return 3; }
+int sqlora_cpu_abi_version(void) { return 4; }
 
 /* ---------------------------------------------------------------------------------------------- */
 /* Scalar pieces (also the reference for the SIMD ones)                                           */
@@ -1441,6 +1441,95 @@ int sqlora_cd_columns(int n_threads, int64_t nb, int64_t N, const float *w, floa
                 const float hji = h[j * ldh + i];
                 float *restrict gi = g + i * ld;
                 for (int64_t n = n0; n < n1; n++) gi[n] += hji * dj[n];
+            }
+        }
+    }
+    return SQ_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Round-to-nearest helpers of the compressors (sqlora_hf/compression/rtn.py, scales.py)            */
+
+/* Nearest-level codes of values already divided by their scale: the number of midpoints below the
+ * value clamped to [-1, 1] (torch.bucketize's answer, bit for bit). Codes of one chunk are counted one
+ * midpoint at a time so the compiler vectorises the count. */
+static void nearest_codes_chunk(const float *restrict x, int64_t n, int n_mids, const float *restrict mids,
+                                uint8_t *restrict codes) {
+    float xc[256];
+    uint8_t c[256];
+    for (int64_t i0 = 0; i0 < n; i0 += 256) {
+        const int64_t len = n - i0 < 256 ? n - i0 : 256;
+        for (int64_t i = 0; i < len; i++) {
+            const float v = x[i0 + i];
+            xc[i] = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+            c[i] = 0;
+        }
+        for (int m = 0; m < n_mids; m++) {
+            const float mid = mids[m];
+            for (int64_t i = 0; i < len; i++) c[i] += xc[i] > mid;
+        }
+        memcpy(codes + i0, c, (size_t)len);
+    }
+}
+
+int sqlora_nearest_codes(int n_threads, int64_t n, const float *x, int n_mids, const float *mids, uint8_t *codes) {
+    if (x == NULL || codes == NULL || n < 0 || n_mids < 1 || n_mids > 255 || mids == NULL) return SQ_EBADARG;
+    const int64_t chunk = 1 << 16;
+    const int64_t n_chunks = (n + chunk - 1) / chunk;
+    if (n_threads < 1) n_threads = 1;
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1 && n_chunks > 1)
+    for (int64_t ch = 0; ch < n_chunks; ch++) {
+        const int64_t i0 = ch * chunk, len = i0 + chunk < n ? chunk : n - i0;
+        nearest_codes_chunk(x + i0, len, n_mids, mids, codes + i0);
+    }
+    return SQ_OK;
+}
+
+/* The squared error of every group of g values under every candidate scale (search_scales):
+ * v [n_groups, g], scales [n_cand, n_groups]; err [n_cand, n_groups] gets sum (v - s * level)^2 with
+ * each value's code chosen as the torch path chooses it (v / s, s == 0 read as 1, then
+ * sqlora_nearest_codes' rule; 8 bits: round half to even, clamped to +-127), so codes agree with it bit
+ * for bit and only the order of the sums differs. vc and cc (both or neither may be NULL) get
+ * sum v * level and sum level^2, what a least-squares refit of the scale needs. */
+int sqlora_scale_errors(int n_threads, int64_t n_groups, int64_t g, const float *v, int64_t n_cand,
+                        const float *scales, int bits, const float *levels, const float *mids, float *err,
+                        float *vc, float *cc) {
+    if (v == NULL || scales == NULL || err == NULL || n_groups < 0 || n_cand < 0 || g < 1 || g > 4096)
+        return SQ_EBADARG;
+    if ((vc == NULL) != (cc == NULL)) return SQ_EBADARG;
+    if (bits != 8 && (bits < 2 || bits > 4 || levels == NULL || mids == NULL)) return SQ_EBADARG;
+    const int n_mids = bits == 8 ? 0 : (1 << bits) - 1;
+    if (n_threads < 1) n_threads = 1;
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1 && n_groups > 64)
+    for (int64_t gi = 0; gi < n_groups; gi++) {
+        const float *restrict vg = v + gi * g;
+        float x[4096], val[4096];
+        uint8_t c[4096];
+        for (int64_t k = 0; k < n_cand; k++) {
+            const float s = scales[k * n_groups + gi];
+            const float safe = s == 0.0f ? 1.0f : s;
+            for (int64_t i = 0; i < g; i++) x[i] = vg[i] / safe;
+            if (bits == 8) {
+                for (int64_t i = 0; i < g; i++) {
+                    float r = x[i] < -127.5f ? -127.5f : (x[i] > 127.5f ? 127.5f : x[i]);
+                    r = (r + 12582912.0f) - 12582912.0f;  /* half to even, as in sqlora_gptq_columns */
+                    val[i] = r < -127.0f ? -127.0f : (r > 127.0f ? 127.0f : r);
+                }
+            } else {
+                nearest_codes_chunk(x, g, n_mids, mids, c);
+                for (int64_t i = 0; i < g; i++) val[i] = levels[c[i]];
+            }
+            float e = 0.0f, a = 0.0f, b = 0.0f;
+            for (int64_t i = 0; i < g; i++) {
+                const float d = vg[i] - s * val[i];
+                e += d * d;
+                a += vg[i] * val[i];
+                b += val[i] * val[i];
+            }
+            err[k * n_groups + gi] = e;
+            if (vc != NULL) {
+                vc[k * n_groups + gi] = a;
+                cc[k * n_groups + gi] = b;
             }
         }
     }

@@ -230,6 +230,7 @@ def plan_calibrated_budget(model: nn.Module, config: SQLoRAConfig, input_ids: to
     """
     from dataclasses import replace
 
+    from .compression.gptq import HessianCache
     from .compression.planner import hessian_candidates, solve_budget
     from .sequential import _capture_inputs, _dense_weight, _eligible, collect_hessians
 
@@ -240,6 +241,8 @@ def plan_calibrated_budget(model: nn.Module, config: SQLoRAConfig, input_ids: to
     n_weights = 0
     per_block = [(f"{prefix}.{i}", _eligible(block, f"{prefix}.{i}", skip, config)) for i, block in enumerate(blocks)]
 
+    cache = HessianCache()  # q/k/v (and gate/up) share one Hessian object, so one inverse
+
     def score(block_name: str, targets: dict[str, nn.Module], hessians: dict[str, torch.Tensor]) -> None:
         nonlocal n_weights
         for name, mod in targets.items():
@@ -247,7 +250,7 @@ def plan_calibrated_budget(model: nn.Module, config: SQLoRAConfig, input_ids: to
                 continue
             weight = _dense_weight(mod)
             cands = hessian_candidates(weight, hessians.pop(name), tiers, base.sparsity, base.rank,
-                                       sensitivity=sensitivity.get(f"{block_name}.{name}"))
+                                       sensitivity=sensitivity.get(f"{block_name}.{name}"), cache=cache)
             if not cands:
                 raise ValueError(f"{block_name}.{name}: no tier in {tiers} can pack in_features={weight.shape[1]}")
             names.append(f"{block_name}.{name}")

@@ -29,7 +29,7 @@ from transformers.utils import logging as hf_logging
 from .allocator import reuse_freed_memory
 from .calibration import prepare
 from .compression.calibrated import CalibratedSpec, compress_shared_input, compress_with_hessian
-from .compression.gptq import EighCache, float_targets, gram
+from .compression.gptq import HessianCache, float_targets, gram, ridge_factor
 from .formats.layer import PackedLayer, layout_problem
 from .nn.linear import SQLoRALinear
 from .output_head import compress_output_head
@@ -99,22 +99,40 @@ def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple
 
 class _SharedGram:
     """`XᵀX` (or, with `normalize`, `XᵀX / T`) of the last input seen, so Linears called with the
-    same tensor (q/k/v, gate/up) share one computation and one Hessian object."""
+    same tensor (q/k/v, gate/up) share one computation and one Hessian object.
 
-    def __init__(self, normalize: bool = False) -> None:
+    With `head_samples`, the Gram of the first `head_samples` samples is kept too (`head`, always
+    divided by its own token count): asymmetric calibration needs it for the samples its float stream
+    carries, and summing it with the rest's Gram costs nothing extra.
+    """
+
+    def __init__(self, normalize: bool = False, head_samples: int = 0) -> None:
         self.normalize = normalize
+        self.head_samples = head_samples
         self.x: Optional[torch.Tensor] = None
         self.h: Optional[torch.Tensor] = None
+        self.head: Optional[torch.Tensor] = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.x is not x:
             rows = x.detach().reshape(-1, x.shape[-1])
-            h = gram(rows)
+            split = self.head_samples * (rows.shape[0] // x.shape[0]) if x.dim() > 2 else 0
+            self.head = None
+            if 0 < split < rows.shape[0]:
+                head = gram(rows[:split])
+                h = head + gram(rows[split:])
+                self.head = head.div_(split)
+            else:
+                h = gram(rows)
             self.x, self.h = x, (h / max(rows.shape[0], 1) if self.normalize else h)
         return self.h
 
+    def head_of(self, x: torch.Tensor, samples: int) -> Optional[torch.Tensor]:
+        """The Gram of `x`'s first `samples` samples, if this is what was computed for it."""
+        return self.head if self.x is x and self.head_samples == samples else None
+
     def clear(self) -> None:
-        self.x = self.h = None
+        self.x = self.h = self.head = None
 
 
 class _FloatTargets:
@@ -126,22 +144,34 @@ class _FloatTargets:
     carry only the first `n` samples: `C` and `H` then both come from those samples' tokens, and GPTQ
     still uses the Hessian of all samples. `C = Y_fᵀX` is formed whichever way is cheaper: from the
     float outputs (`N·K` per token, e.g. down_proj) or as `W (X_fᵀX)` (`K²`, e.g. q/k/v, gate/up).
+    What depends only on the input (the float samples' `H`, `X_fᵀX`, the ridge factor) is kept for
+    the last input, so Linears that read one tensor but are compressed apart (q/k/v given different
+    bits by a budget) compute it once.
     """
 
     def __init__(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
                  biases: dict[str, Optional[torch.Tensor]], ridge: float) -> None:
         self.inputs, self.outputs, self.biases, self.ridge = inputs, outputs, biases, ridge
+        self._key: Optional[tuple] = None
+        self._per_input: dict[str, Any] = {}
 
-    def __call__(self, group: list[str], x: torch.Tensor, h: torch.Tensor, weights: list[torch.Tensor]
-                 ) -> Optional[list[torch.Tensor]]:
+    def __call__(self, group: list[str], x: torch.Tensor, h: torch.Tensor, weights: list[torch.Tensor],
+                 shared: Optional[_SharedGram] = None) -> Optional[list[torch.Tensor]]:
+        """`shared`: the Gram maker that computed `h`; its `head` saves computing the float samples' own."""
         xf = self.inputs.get(group[0])
         if xf is None or x.dim() < 2 or xf.shape[1:] != x.shape[1:] or xf.shape[0] > x.shape[0]:
             return None
         k = x.shape[-1]
         rows = x.detach()[: xf.shape[0]].reshape(-1, k).to(torch.float32)
         tokens = max(rows.shape[0], 1)
+        if self._key != (id(x), id(xf)):
+            self._key, self._per_input = (id(x), id(xf)), {"x": x, "xf": xf}
+        cached = self._per_input
         if xf.shape[0] < x.shape[0]:  # `h` is over all samples: take the float stream's own
-            h = gram(rows) / tokens
+            if "h" not in cached:
+                head = shared.head_of(x, xf.shape[0]) if shared is not None else None
+                cached["h"] = head if head is not None else gram(rows) / tokens
+            h = cached["h"]
         weights = [w.to(torch.float32) for w in weights]
         outs = [self.outputs.get(m) for m in group]
         if all(o is not None for o in outs) and sum(w.shape[0] for w in weights) < k:
@@ -152,12 +182,16 @@ class _FloatTargets:
                     y = y - self.biases[m].detach().to(torch.float32)
                 crosses.append(y.T @ rows / tokens)
         else:
-            m_cross = xf.detach().reshape(-1, k).to(torch.float32).T @ rows / tokens  # X_fᵀX
-            crosses = [w @ m_cross for w in weights]
-        return float_targets(weights, crosses, h, self.ridge)
+            if "cross" not in cached:
+                cached["cross"] = xf.detach().reshape(-1, k).to(torch.float32).T @ rows / tokens  # X_fᵀX
+            crosses = [w @ cached["cross"] for w in weights]
+        if "factor" not in cached:
+            cached["factor"] = ridge_factor(h, self.ridge)
+        return float_targets(weights, crosses, h, self.ridge, factor=cached["factor"])
 
     def clear(self) -> None:
         self.inputs, self.outputs = {}, {}
+        self._key, self._per_input = None, {}
 
 
 def _float_pass(block: nn.Module, float_inputs: Inputs, targets: dict[str, nn.Module], ridge: float
@@ -186,6 +220,11 @@ def _float_pass(block: nn.Module, float_inputs: Inputs, targets: dict[str, nn.Mo
             handle.remove()
     biases = {name: mod.bias for name, mod in targets.items()}
     return _FloatTargets(inputs, outputs, biases, ridge), block_outputs
+
+
+def _samples(inputs: Inputs) -> int:
+    """How many samples a block's inputs carry (over all chunks)."""
+    return sum((args[0] if args else kwargs["hidden_states"]).shape[0] for args, kwargs in inputs)
 
 
 def _dense_weight(mod: nn.Module) -> torch.Tensor:
@@ -243,8 +282,8 @@ def _compress_block_one_pass(block: nn.Module, block_name: str, inputs: Inputs, 
     to_float = None
     if float_inputs is not None:
         to_float, float_outputs = _float_pass(block, float_inputs, targets, ASYMMETRIC_RIDGE)
-    shared = _SharedGram(normalize=True)
-    eig_cache = EighCache()
+    shared = _SharedGram(normalize=True, head_samples=_samples(float_inputs) if float_inputs else 0)
+    cache = HessianCache()
     done: dict[str, tuple[PackedLayer, float]] = {}
     pending: dict[str, tuple[torch.Tensor, tuple[PackedLayer, float]]] = {}
     group_of = {name: group for group in siblings or [] for name in group}
@@ -275,9 +314,9 @@ def _compress_block_one_pass(block: nn.Module, block_name: str, inputs: Inputs, 
                           and m not in pending and spec_for(m) == spec]
         h = shared(x)
         weights = [_dense_weight(targets[m]) for m in group]
-        aimed = to_float(group, x, h, weights) if to_float is not None else None
+        aimed = to_float(group, x, h, weights, shared) if to_float is not None else None
         weights = aimed if aimed is not None else weights
-        results = compress_shared_input(weights, h, spec, [f"{block_name}.{m}" for m in group], eig_cache)
+        results = compress_shared_input(weights, h, spec, [f"{block_name}.{m}" for m in group], cache)
         install(mod, name, results[0])
         pending.update((m, (x, r)) for m, r in zip(group[1:], results[1:]))
         return None

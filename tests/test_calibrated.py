@@ -257,6 +257,47 @@ def test_float_targets_are_the_same_from_outputs_or_from_inputs():
         direct = float_targets([w], [w @ (rows_f.T @ rows) / t], rows.T @ rows / t, 1.0)[0]
         for got in (from_outputs, from_inputs):
             torch.testing.assert_close(torch.cat(got), direct, atol=1e-4, rtol=1e-4)
+        # one instance asked for each Linear apart (q/k/v given different bits) reuses what depends
+        # on the input only, and gives what a fresh instance gives
+        reused = _FloatTargets(inputs, {}, {}, 1.0)
+        first, second = reused(["a"], x, h_all, [w1]), reused(["b"], x, h_all, [w2])
+        fresh = _FloatTargets(inputs, {}, {}, 1.0)(["b"], x, h_all, [w2])
+        assert torch.equal(second[0], fresh[0])
+        torch.testing.assert_close(torch.cat(first + second), direct, atol=1e-4, rtol=1e-4)
+
+
+def test_shared_gram_keeps_the_float_samples_gram_for_free():
+    """`_SharedGram(head_samples=n)` returns the Gram of all samples and keeps that of the first n
+    (each divided by its own token count); `_FloatTargets` takes it instead of recomputing it."""
+    from sqlora_hf.compression.gptq import gram
+    from sqlora_hf.sequential import _FloatTargets, _SharedGram
+
+    xf, x, w = _distorted_streams(t=4 * 256)
+    xf, x = xf.view(4, 256, -1), x.view(4, 256, -1)
+    shared = _SharedGram(normalize=True, head_samples=2)
+    h = shared(x)
+    rows = x.reshape(-1, x.shape[-1])
+    torch.testing.assert_close(h, gram(rows) / rows.shape[0], atol=1e-5, rtol=1e-5)
+    head_rows = x[:2].reshape(-1, x.shape[-1])
+    torch.testing.assert_close(shared.head_of(x, 2), gram(head_rows) / head_rows.shape[0], atol=1e-5, rtol=1e-5)
+    assert shared.head_of(x, 3) is None and shared.head_of(x.clone(), 2) is None
+    inputs = {"a": xf[:2]}
+    with_head = _FloatTargets(inputs, {}, {}, 1.0)(["a"], x, h, [w], shared)[0]
+    without = _FloatTargets(inputs, {}, {}, 1.0)(["a"], x, h, [w])[0]
+    torch.testing.assert_close(with_head, without, atol=1e-4, rtol=1e-4)
+
+
+def test_hessian_cache_shares_factors_of_one_hessian_only():
+    from sqlora_hf.compression.gptq import HessianCache, sweep_factor
+
+    _, h = _layer(3)
+    cache = HessianCache()
+    f = cache.sweep(h, 0.01, True)
+    assert cache.sweep(h, 0.01, True) is f and cache.sweep(h, 0.01, False) is not f
+    assert cache.eigh(h) is cache.eigh(h)
+    torch.testing.assert_close(f.hinv, sweep_factor(h, 0.01, True).hinv)
+    h2 = h.clone()
+    assert cache.sweep(h2, 0.01, True) is not f  # another Hessian object: computed afresh
 
 
 def _linear_io(model, ids):

@@ -64,6 +64,39 @@ def test_searched_scales_never_worse_than_absmax(bits):
     assert bool((e1 <= e0 + 1e-9).all()) and float(e1.sum()) < float(e0.sum())
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_c_rounding_matches_the_torch_rounding(bits, monkeypatch):
+    """The C round-to-nearest (kernels/cpu/rounding.py) picks torch.bucketize's codes bit for bit,
+    midpoints, out-of-range values and zeros included; the scale search built on it picks the same
+    scales except at near ties (errors equal to 1e-4), never worse than absmax."""
+    from sqlora_hf.compression.rtn import nearest_nf
+    from sqlora_hf.formats.codebooks import nf_midpoints
+    from sqlora_hf.kernels.cpu import library
+
+    if library.load() is None:
+        pytest.skip(f"CPU library not built: {library.load_error()}")
+    mids = nf_midpoints(bits)
+    x = torch.cat([torch.randn(5000) * 0.6, mids, mids.nextafter(torch.tensor(2.0)), torch.tensor([-3.0, 3.0, 0.0, -0.0])])
+    monkeypatch.setenv("SQLORA_GPTQ_SWEEP", "torch")
+    ref = nearest_nf(x, bits)
+    w = structured()
+    w[5, :64] = 0.0  # an all-zero group
+    s_ref = search_scales(w, bits, 64)
+    monkeypatch.setenv("SQLORA_GPTQ_SWEEP", "c")
+    got = nearest_nf(x, bits)
+    assert got.dtype == torch.int64 and torch.equal(got, ref)
+    s_got = search_scales(w, bits, 64)
+    assert float((s_got == s_ref).float().mean()) > 0.99 and bool((s_got[5, 0] == 0))
+
+    def group_errors(scales):
+        codes, s16 = quantize_groups(w, bits, 64, scales)
+        return ((w - dequantize_groups(codes, s16, bits)) ** 2).view(96, -1, 64).sum(-1)
+
+    e_ref, e_got, e_abs = group_errors(s_ref), group_errors(s_got), group_errors(None)
+    assert bool(((e_got - e_ref).abs() <= 1e-4 * e_ref + 1e-9).all())
+    assert bool((e_got <= e_abs * (1 + 1e-5) + 1e-9).all())
+
+
 @pytest.mark.parametrize("seed,bits,rank,sparse", [(0, 4, 4, False), (1, 3, 8, False), (2, 4, 6, True)])
 def test_qa_svd_error_never_increases(seed, bits, rank, sparse):
     w = structured(seed=seed)

@@ -8,8 +8,8 @@ import torch
 
 from ..formats.layer import PackedLayer, layout_problem
 from ..formats.packing import pack_codes, pack_mask
-from .gptq import (EighCache, GPTQResult, act_order_scales, better_intrinsic, deflated_hessian, gptq, hessian_eigh,
-                   output_error, wanda_mask, whitened_lowrank)
+from .gptq import (GPTQResult, HessianCache, act_order_scales, better_intrinsic, deflated_hessian, gptq,
+                   wanda_mask, whitened_lowrank)
 from .lowrank import factors_from_svd, svd
 
 METHODS = ("intrinsic", "eora", "gptq")
@@ -36,12 +36,13 @@ def calibrated_auto_rank(rows: int, cols: int) -> int:
 
 
 def compress_with_hessian(weight: torch.Tensor, hessian: torch.Tensor, spec: CalibratedSpec,
-                          name: str = "layer", eig_cache: Optional[EighCache] = None) -> tuple[PackedLayer, float]:
+                          name: str = "layer", cache: Optional[HessianCache] = None) -> tuple[PackedLayer, float]:
     """(packed layer, relative output error ‖X(W − Ŵ)ᵀ‖² / ‖X Wᵀ‖²).
 
-    `eig_cache` lets Linears that share a Hessian object (q/k/v) share its eigen-decomposition.
+    `cache` lets Linears that share a Hessian object (q/k/v) share its eigen-decomposition and
+    GPTQ's inverse factor.
     """
-    return compress_shared_input([weight], hessian, spec, [name], eig_cache)[0]
+    return compress_shared_input([weight], hessian, spec, [name], cache)[0]
 
 
 def _checked(weight: torch.Tensor, spec: CalibratedSpec, name: str) -> tuple[torch.Tensor, int]:
@@ -76,7 +77,7 @@ def _stacked_gptq(ws: list[torch.Tensor], hessian: torch.Tensor, spec: Calibrate
 
 
 def compress_shared_input(weights: list[torch.Tensor], hessian: torch.Tensor, spec: CalibratedSpec,
-                          names: list[str], eig_cache: Optional[EighCache] = None) -> list[tuple[PackedLayer, float]]:
+                          names: list[str], cache: Optional[HessianCache] = None) -> list[tuple[PackedLayer, float]]:
     """`compress_with_hessian` for layers that read the same input (same `hessian`), in one go.
 
     The GPTQ sweeps of all of them run stacked (`_stacked_gptq`): one under H, and for
@@ -93,10 +94,12 @@ def compress_shared_input(weights: list[torch.Tensor], hessian: torch.Tensor, sp
     static = None
     if act_order and spec.method == "intrinsic" and any(ranks):  # both sweeps fix the same static scales
         static = [act_order_scales(w, hessian, spec.bits, spec.group_size, spec.scale_search) for w in ws]
-    plain = _stacked_gptq(ws, hessian, spec, keep, static, damp=spec.damp, **kwargs)
+    cache = cache if cache is not None else HessianCache()
+    plain = _stacked_gptq(ws, hessian, spec, keep, static, damp=spec.damp,
+                          factor=cache.sweep(hessian, spec.damp, act_order), **kwargs)
     eig = None
     if spec.method in ("intrinsic", "eora") and any(ranks):  # the low-rank fits of all layers share it
-        eig = eig_cache(hessian) if eig_cache is not None else hessian_eigh(hessian)
+        eig = cache.eigh(hessian)
     deflated: dict[int, GPTQResult] = {}
     if spec.method == "intrinsic":
         for rank in sorted(set(r for r in ranks if r > 0)):
@@ -137,6 +140,13 @@ def _pack(w: torch.Tensor, hessian: torch.Tensor, spec: CalibratedSpec, rank: in
         lowrank_l=left,
         lowrank_r=right,
     )
-    denom = output_error(w, torch.zeros_like(w), hessian)
-    rel = output_error(w, approx, hessian) / denom if denom > 0 else 0.0
-    return packed, rel
+    return packed, _relative_output_error(w, approx, hessian)
+
+
+def _relative_output_error(w: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+    """`‖X(W − Ŵ)ᵀ‖² / ‖X Wᵀ‖²`, the figure the report prints (no decision rests on it), with float32
+    products: twice as fast as `output_error`'s float64 on every layer, and within 1e-3 of it (tested)."""
+    h = hessian.to(torch.float32)
+    d = w - approx
+    denom = float(((w @ h) * w).sum(dtype=torch.float64))
+    return float(((d @ h) * d).sum(dtype=torch.float64)) / denom if denom > 0 else 0.0

@@ -63,8 +63,19 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tens
     return float(((d @ hessian.to(torch.float64)) * d).sum())
 
 
+def ridge_factor(hessian: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
+    """(lower Cholesky factor of `H + λI` in float64, λ = ridge · mean of H's live diagonal), what
+    `float_targets` solves with; one per input, shared by the Linears that read it."""
+    h = hessian.to(torch.float64)
+    k = h.shape[0]
+    diag = torch.diagonal(h)
+    live = diag > 0
+    lam = ridge * float(diag[live].mean()) if bool(live.any()) else 1.0
+    return torch.linalg.cholesky(h + lam * torch.eye(k, dtype=torch.float64, device=h.device)), lam
+
+
 def float_targets(weights: list[torch.Tensor], crosses: list[torch.Tensor], hessian: torch.Tensor,
-                  ridge: float) -> list[torch.Tensor]:
+                  ridge: float, factor: Optional[tuple[torch.Tensor, float]] = None) -> list[torch.Tensor]:
     """The weights `W*` GPTQ should aim at so that the compressed layers reproduce the *float* model.
 
     Sequential GPTQ feeds each layer the inputs `X` that the compressed layers before it produce and
@@ -82,14 +93,9 @@ def float_targets(weights: list[torch.Tensor], crosses: list[torch.Tensor], hess
     is not a linear function of `X` would otherwise be fitted as if it were (SmolLM2 at 4.25 bpw: a
     ridge of 1 % of the mean diagonal made perplexity worse than plain GPTQ, one of 100 % better;
     docs/calibrated.md). `crosses` and `hessian` must be normalised alike (both divided by the same
-    token count, or neither).
+    token count, or neither). `factor` is `ridge_factor(hessian, ridge)`, if already at hand.
     """
-    h = hessian.to(torch.float64)
-    k = h.shape[0]
-    diag = torch.diagonal(h)
-    live = diag > 0
-    lam = ridge * float(diag[live].mean()) if bool(live.any()) else 1.0
-    low = torch.linalg.cholesky(h + lam * torch.eye(k, dtype=torch.float64, device=h.device))
+    low, lam = factor if factor is not None else ridge_factor(hessian, ridge)
     rhs = torch.cat([c.to(torch.float64) + lam * w.to(torch.float64) for w, c in zip(weights, crosses)])
     targets = torch.cholesky_solve(rhs.T, low).T.to(torch.float32)
     return list(targets.split([w.shape[0] for w in weights]))
@@ -407,17 +413,32 @@ def hessian_eigh(hessian: torch.Tensor) -> Eigh:
     return torch.linalg.eigh(hessian.to(torch.float32))
 
 
-class EighCache:
-    """The last Hessian's eigen-decomposition, so Linears sharing an input (q/k/v) decompose it once."""
+class HessianCache:
+    """What the last Hessian costs to factor, kept so Linears that share an input (q/k/v, gate/up) pay
+    for it once: its eigen-decomposition (the low-rank fits) and GPTQ's sweep factors (one per damping
+    and column order). Keyed on the Hessian object itself, so a new Hessian drops the old entries."""
 
     def __init__(self) -> None:
         self._h: Optional[torch.Tensor] = None
         self._eig: Optional[Eigh] = None
+        self._factors: dict[tuple[float, bool], SweepFactor] = {}
 
-    def __call__(self, hessian: torch.Tensor) -> Eigh:
+    def _use(self, hessian: torch.Tensor) -> None:
         if self._h is not hessian:
-            self._h, self._eig = hessian, hessian_eigh(hessian)
+            self._h, self._eig, self._factors = hessian, None, {}
+
+    def eigh(self, hessian: torch.Tensor) -> Eigh:
+        self._use(hessian)
+        if self._eig is None:
+            self._eig = hessian_eigh(hessian)
         return self._eig
+
+    def sweep(self, hessian: torch.Tensor, damp: float = 0.01, act_order: bool = False) -> SweepFactor:
+        self._use(hessian)
+        key = (float(damp), bool(act_order))
+        if key not in self._factors:
+            self._factors[key] = sweep_factor(hessian, damp, act_order)
+        return self._factors[key]
 
 
 def top_eigvecs(hessian: torch.Tensor, rank: int, eig: Optional[Eigh] = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -266,11 +266,13 @@ def _row_weighted_error(e: "torch.Tensor", h: "torch.Tensor", row_weight: "torch
 
 
 def _scale_by_gptq(quant_err: dict[tuple[int, int], float], ws: "torch.Tensor", keep: Optional["torch.Tensor"],
-                   h: "torch.Tensor", row_weight: "torch.Tensor", sparsity: Optional[str]) -> None:
+                   h: "torch.Tensor", row_weight: "torch.Tensor", sparsity: Optional[str],
+                   cache: Optional["HessianCache"] = None) -> None:
     """Scale each tier's round-to-nearest errors by what GPTQ actually leaves of them on this layer."""
-    from .gptq import gptq, sweep_factor
+    from .gptq import HessianCache, gptq
 
-    factor = sweep_factor(h, act_order=not sparsity)  # one inverse serves every tier
+    cache = cache if cache is not None else HessianCache()
+    factor = cache.sweep(h, act_order=not sparsity)  # one inverse serves every tier (and q/k/v's shared H)
     for bits in sorted({b for b, _ in quant_err}):
         g = min(gg for b, gg in quant_err if b == bits)
         r = gptq(ws, h, bits, g, sparsity=sparsity, keep=keep, act_order=not sparsity, factor=factor)
@@ -284,7 +286,7 @@ def _scale_by_gptq(quant_err: dict[tuple[int, int], float], ws: "torch.Tensor", 
 def hessian_candidates(weight: "torch.Tensor", hessian: "torch.Tensor", tiers: Sequence[int],
                        sparsity: Optional[str], rank: Any, max_rank_bpw: float = 0.25,
                        sample_every: int = 4, sensitivity: Optional["torch.Tensor"] = None,
-                       gptq_ratio: bool = True) -> list[Candidate]:
+                       gptq_ratio: bool = True, cache: Optional["HessianCache"] = None) -> list[Candidate]:
     """Candidates (bits × group size × rank) of one `[N, K]` layer, errors measured on the layer output.
 
     The error of a candidate is the relative output error `tr(E H Eᵀ) / tr(W H Wᵀ)` of its
@@ -294,7 +296,8 @@ def hessian_candidates(weight: "torch.Tensor", hessian: "torch.Tensor", tiers: S
 
     With `gptq_ratio` (the default) each tier's errors are then multiplied by what GPTQ leaves of
     them on this layer: one GPTQ sweep per tier (act order when dense, the tier's smallest group)
-    on the sampled rows, its error over the round-to-nearest one, capped at 1. The knapsack sums
+    on the sampled rows, its error over the round-to-nearest one, capped at 1 (`cache`, a
+    `gptq.HessianCache`, lets layers that share a Hessian object share its inverse). The knapsack sums
     errors across layers, and GPTQ does not lower them by a common factor: on SmolLM2 the ratio
     runs from 0.01 (block 0 o_proj) to 0.38 (some MLP layers), and 2-bit gains more than 4-bit in
     some layers and less in others (docs/calibrated.md). Cost: one Hessian inverse per layer
@@ -348,7 +351,7 @@ def hessian_candidates(weight: "torch.Tensor", hessian: "torch.Tensor", tiers: S
     if not quant_err:
         return []
     if gptq_ratio:
-        _scale_by_gptq(quant_err, ws, ks, h, row_weight, sparsity)
+        _scale_by_gptq(quant_err, ws, ks, h, row_weight, sparsity, cache)
     if rank == "auto":
         cap = min(int(max_rank_bpw * n * k // (16 * (n + k))), min(n, k))
         ranks = [0] + [r for r in CALIBRATED_PLAN_RANKS if r <= cap]

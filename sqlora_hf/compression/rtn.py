@@ -6,8 +6,18 @@ import torch
 from ..formats.codebooks import is_skewed, nf_midpoints, nf_table
 
 
+# From this many values on, the C loop (kernels/cpu/rounding.py) beats torch.bucketize plus the call cost.
+C_NEAREST_MIN = 1024
+
+
 def nearest_nf(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Index of the nearest NF level for values already divided by their scale (clamped to [-1, 1])."""
+    """Index of the nearest NF level (int64) for values already divided by their scale (clamped to [-1, 1])."""
+    if x.numel() >= C_NEAREST_MIN and x.device.type == "cpu":
+        from ..kernels.cpu.rounding import nearest_codes
+
+        codes = nearest_codes(x, bits)
+        if codes is not None:
+            return codes.to(torch.int64)
     return torch.bucketize(x.clamp(-1, 1).contiguous(), nf_midpoints(bits, x.device))
 
 

@@ -57,6 +57,10 @@ def search_scales(values: torch.Tensor, bits: int, group_len: int, refit: bool =
         base, signs = absmax / 127.0, (1.0,)
     else:
         base, signs = absmax, (1.0, -1.0)
+    if v.device.type == "cpu" and bits != 8:  # int8 rounding is cheap in torch; the C loop is slower there
+        found = _search_in_c(v, base, signs, bits, refit)
+        if found is not None:
+            return found
     best_s = base.to(torch.float16)
     best_err = _group_error(v, best_s, _values_of(_codes_for(v, best_s, bits), bits))
     for sign in signs:
@@ -75,3 +79,32 @@ def search_scales(values: torch.Tensor, bits: int, group_len: int, refit: bool =
             err = _group_error(v, s16, _values_of(_codes_for(v, s16, bits), bits))
             best_s = torch.where(err < best_err, s16, best_s)
     return best_s
+
+
+def _search_in_c(v: torch.Tensor, base: torch.Tensor, signs: tuple[float, ...], bits: int, refit: bool
+                 ) -> "torch.Tensor | None":
+    """`search_scales` with every candidate's error from the C loop (kernels/cpu/rounding.py), or None
+    without the library. Same candidates, same codes, same keep-the-first-best rule (`argmin` returns
+    the first of equal errors, as the loop's strict `<` keeps the earlier one); only the order of each
+    group's sum differs."""
+    from ..kernels.cpu.rounding import scale_errors
+
+    n, groups, g = v.shape
+    flat = v.reshape(n * groups, g)
+    cands = torch.stack([base.to(torch.float16)] + [(sign * alpha * base).to(torch.float16)
+                                                    for sign in signs for alpha in CLIP_GRID])
+    found = scale_errors(flat, cands.reshape(len(cands), -1).to(torch.float32), bits, dots=refit)
+    if found is None:
+        return None
+    err, vc, cc = found
+    pick = err.argmin(0, keepdim=True)
+    best_s = cands.reshape(len(cands), -1).gather(0, pick)[0]
+    if refit:
+        best_err = err.gather(0, pick)[0]
+        denom, num = cc.gather(0, pick)[0], vc.gather(0, pick)[0]
+        ls = torch.where(denom > 0, num / denom.clamp_min(1e-30), best_s.to(torch.float32))
+        s16 = ls.to(torch.float16)
+        if bool(torch.isfinite(s16).all()):
+            err_ls = scale_errors(flat, s16.to(torch.float32).unsqueeze(0), bits)[0][0]
+            best_s = torch.where(err_ls < best_err, s16, best_s)
+    return best_s.view(n, groups)

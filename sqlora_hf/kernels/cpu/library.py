@@ -20,7 +20,7 @@ from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 SOURCE_CANDIDATES = [HERE.parents[2] / "csrc" / "sqlora_cpu.c"]
-ABI_VERSION = 3
+ABI_VERSION = 4
 ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3, "dotprod": 4}
 ISA_NAMES = {v: k for k, v in ISA_CODES.items()}
 COMPILE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp"]
@@ -106,6 +106,13 @@ def _declare(lib: ctypes.CDLL) -> None:
         i32, i64, i64, vp, vp, vp, i64,  # threads, nb, N, w, e, g, ld
         vp, i64, vp, vp, i32,  # h, ldh, scale, keep, bits
         vp, vp, vp, vp,  # levels, mids, codes, delta
+    ]
+    lib.sqlora_nearest_codes.restype = i32
+    lib.sqlora_nearest_codes.argtypes = [i32, i64, vp, i32, vp, vp]  # threads, n, x, n_mids, mids, codes
+    lib.sqlora_scale_errors.restype = i32
+    lib.sqlora_scale_errors.argtypes = [
+        i32, i64, i64, vp, i64, vp, i32,  # threads, n_groups, g, v, n_cand, scales, bits
+        vp, vp, vp, vp, vp,  # levels, mids, err, vc, cc
     ]
 
 
