@@ -152,8 +152,7 @@ class _FloatTargets:
     def __init__(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
                  biases: dict[str, Optional[torch.Tensor]], ridge: float) -> None:
         self.inputs, self.outputs, self.biases, self.ridge = inputs, outputs, biases, ridge
-        self._key: Optional[tuple] = None
-        self._per_input: dict[str, Any] = {}
+        self._per_input: dict[str, Any] = {}  # for the input tensors held under "x" and "xf"
 
     def __call__(self, group: list[str], x: torch.Tensor, h: torch.Tensor, weights: list[torch.Tensor],
                  shared: Optional[_SharedGram] = None) -> Optional[list[torch.Tensor]]:
@@ -164,8 +163,8 @@ class _FloatTargets:
         k = x.shape[-1]
         rows = x.detach()[: xf.shape[0]].reshape(-1, k).to(torch.float32)
         tokens = max(rows.shape[0], 1)
-        if self._key != (id(x), id(xf)):
-            self._key, self._per_input = (id(x), id(xf)), {"x": x, "xf": xf}
+        if self._per_input.get("x") is not x or self._per_input.get("xf") is not xf:
+            self._per_input = {"x": x, "xf": xf}
         cached = self._per_input
         if xf.shape[0] < x.shape[0]:  # `h` is over all samples: take the float stream's own
             if "h" not in cached:
@@ -191,7 +190,7 @@ class _FloatTargets:
 
     def clear(self) -> None:
         self.inputs, self.outputs = {}, {}
-        self._key, self._per_input = None, {}
+        self._per_input = {}
 
 
 def _float_pass(block: nn.Module, float_inputs: Inputs, targets: dict[str, nn.Module], ridge: float

@@ -12,6 +12,8 @@ levels, so mirroring a group whose largest weights are negative gives it the fin
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..formats.codebooks import nf_table
@@ -47,8 +49,9 @@ def search_scales(values: torch.Tensor, bits: int, group_len: int, refit: bool =
 
     Tries `±α·absmax` for α in `CLIP_GRID` (int8: `+α·absmax/127`), keeps each group's best, then
     refits the scale by least squares for the chosen codes (`s = <w, c>/<c, c>`) and keeps that
-    only where it lowers the error. Every step is "keep the better per group", so the result is
-    never worse than absmax.
+    only where it lowers the error. Every step is "keep the better per group" (`argmin` keeps the
+    first of equal errors, i.e. the earlier candidate, absmax first), so the result is never worse
+    than absmax.
     """
     n, kc = values.shape
     v = values.to(torch.float32).reshape(n, kc // group_len, group_len)
@@ -57,54 +60,40 @@ def search_scales(values: torch.Tensor, bits: int, group_len: int, refit: bool =
         base, signs = absmax / 127.0, (1.0,)
     else:
         base, signs = absmax, (1.0, -1.0)
-    if v.device.type == "cpu" and bits != 8:  # int8 rounding is cheap in torch; the C loop is slower there
-        found = _search_in_c(v, base, signs, bits, refit)
-        if found is not None:
-            return found
-    best_s = base.to(torch.float16)
-    best_err = _group_error(v, best_s, _values_of(_codes_for(v, best_s, bits), bits))
-    for sign in signs:
-        for alpha in CLIP_GRID:
-            s16 = (sign * alpha * base).to(torch.float16)
-            err = _group_error(v, s16, _values_of(_codes_for(v, s16, bits), bits))
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better, s16, best_s)
-    if refit:
-        vals = _values_of(_codes_for(v, best_s, bits), bits)
-        denom = (vals * vals).sum(-1)
-        ls = torch.where(denom > 0, (v * vals).sum(-1) / denom.clamp_min(1e-30), best_s.to(torch.float32))
-        s16 = ls.to(torch.float16)
-        if bool(torch.isfinite(s16).all()):
-            err = _group_error(v, s16, _values_of(_codes_for(v, s16, bits), bits))
-            best_s = torch.where(err < best_err, s16, best_s)
-    return best_s
-
-
-def _search_in_c(v: torch.Tensor, base: torch.Tensor, signs: tuple[float, ...], bits: int, refit: bool
-                 ) -> "torch.Tensor | None":
-    """`search_scales` with every candidate's error from the C loop (kernels/cpu/rounding.py), or None
-    without the library. Same candidates, same codes, same keep-the-first-best rule (`argmin` returns
-    the first of equal errors, as the loop's strict `<` keeps the earlier one); only the order of each
-    group's sum differs."""
-    from ..kernels.cpu.rounding import scale_errors
-
-    n, groups, g = v.shape
-    flat = v.reshape(n * groups, g)
     cands = torch.stack([base.to(torch.float16)] + [(sign * alpha * base).to(torch.float16)
-                                                    for sign in signs for alpha in CLIP_GRID])
-    found = scale_errors(flat, cands.reshape(len(cands), -1).to(torch.float32), bits, dots=refit)
-    if found is None:
-        return None
-    err, vc, cc = found
+                                                    for sign in signs for alpha in CLIP_GRID])  # [C, N, G]
+    err = _candidate_errors(v, cands, bits)[0]
     pick = err.argmin(0, keepdim=True)
-    best_s = cands.reshape(len(cands), -1).gather(0, pick)[0]
+    best_s = cands.gather(0, pick)[0]
     if refit:
-        best_err = err.gather(0, pick)[0]
-        denom, num = cc.gather(0, pick)[0], vc.gather(0, pick)[0]
+        best_err, num, denom = (t[0] for t in _candidate_errors(v, best_s.unsqueeze(0), bits, dots=True))
         ls = torch.where(denom > 0, num / denom.clamp_min(1e-30), best_s.to(torch.float32))
         s16 = ls.to(torch.float16)
         if bool(torch.isfinite(s16).all()):
-            err_ls = scale_errors(flat, s16.to(torch.float32).unsqueeze(0), bits)[0][0]
+            err_ls = _candidate_errors(v, s16.unsqueeze(0), bits)[0][0]
             best_s = torch.where(err_ls < best_err, s16, best_s)
-    return best_s.view(n, groups)
+    return best_s
+
+
+def _candidate_errors(v: torch.Tensor, cands: torch.Tensor, bits: int, dots: bool = False
+                      ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """For groups `v` `[N, G, g]` and float16 candidate scales `[C, N, G]`: each candidate's squared
+    error `[C, N, G]`, and with `dots` Σ v·level and Σ level² of its codes (what the refit needs).
+
+    On the CPU (2–4 bits) the C loop computes them (kernels/cpu/rounding.py: the same codes bit for
+    bit, only each group's sum in another order, 6–8x faster); int8 rounding is cheap in torch."""
+    c, n, groups = cands.shape
+    if v.device.type == "cpu" and bits != 8:
+        from ..kernels.cpu.rounding import scale_errors
+
+        found = scale_errors(v.reshape(n * groups, -1), cands.reshape(c, -1).to(torch.float32), bits, dots)
+        if found is not None:
+            return tuple(t.view(c, n, groups) if t is not None else None for t in found)
+    errs, vcs, ccs = [], [], []
+    for s16 in cands:
+        vals = _values_of(_codes_for(v, s16, bits), bits)
+        errs.append(_group_error(v, s16, vals))
+        if dots:
+            vcs.append((v * vals).sum(-1))
+            ccs.append((vals * vals).sum(-1))
+    return torch.stack(errs), (torch.stack(vcs) if dots else None), (torch.stack(ccs) if dots else None)
