@@ -577,9 +577,29 @@ static void sparse_x_pq(const float *x, int64_t K, float *xP, float *xQ) {
         }
 }
 
-T_AVX2 static float row_dot4_sparse_pq_avx2(const uint8_t *row, const uint8_t *mrow, const float *scales,
-                                            int per_group, int64_t n_stored, const float *xP, const float *xQ,
-                                            const lut4_avx2_t *T, int *bad_row) {
+/* 16 code bytes (one 32-weight block) -> 32 bfloat16-exact table values as 4 x 8 floats in PSHUFB_ORDER
+ * (the 4-plane lookup's order, which the sparse x layout below is built for): the two high byte planes
+ * are looked up and the bf16 words widened with 16-bit unpacks against zero. 8 shuffle-port µops per
+ * 32 weights instead of the 4-plane lookup's 12. */
+#define LUT2_AVX2_BLOCK_NAT(T, src, f0, f1, f2, f3)                                                        \
+    do {                                                                                                  \
+        __m256i v_ = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(src)));                \
+        v_ = _mm256_and_si256(_mm256_blend_epi32(v_, _mm256_srli_epi16(v_, 4), 0xF0), (T).m4);            \
+        const __m256i lo_ = _mm256_shuffle_epi8((T).lo, v_), hi_ = _mm256_shuffle_epi8((T).hi, v_);       \
+        const __m256i wl_ = _mm256_unpacklo_epi8(lo_, hi_), wh_ = _mm256_unpackhi_epi8(lo_, hi_);         \
+        const __m256i z_ = _mm256_setzero_si256();                                                        \
+        f0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z_, wl_));                                         \
+        f1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z_, wl_));                                         \
+        f2 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z_, wh_));                                         \
+        f3 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z_, wh_));                                         \
+    } while (0)
+
+/* `bf16` is a compile-time constant in each of the two wrappers below (format 2's bfloat16 levels take
+ * the 2-plane lookup, format 1's float32 levels the 4-plane one). */
+T_AVX2 static inline __attribute__((always_inline)) float
+row_dot4_sparse_pq_avx2_impl(const uint8_t *row, const uint8_t *mrow, const float *scales, int per_group,
+                             int64_t n_stored, const float *xP, const float *xQ, const lut4_avx2_t *T,
+                             const lut2_avx2_t *T2, const int bf16, int *bad_row) {
     __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
     uint64_t bad = 0; /* nonzero if a mask byte does not keep exactly 4 columns (SWAR popcount, idle ALUs) */
     const int64_t bpg = per_group / 32;
@@ -588,7 +608,8 @@ T_AVX2 static float row_dot4_sparse_pq_avx2(const uint8_t *row, const uint8_t *m
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
         for (int64_t t = t0; t < t0 + bpg; t++) {
             __m256 f0, f1, f2, f3;
-            LUT4_AVX2_BLOCK(*T, row + 16 * t, f0, f1, f2, f3);
+            if (bf16) LUT2_AVX2_BLOCK_NAT(*T2, row + 16 * t, f0, f1, f2, f3);
+            else LUT4_AVX2_BLOCK(*T, row + 16 * t, f0, f1, f2, f3);
             const uint8_t *m = mrow + 8 * t;
             const float *P = xP + 32 * t, *Q = xQ + 32 * t;
             {
@@ -618,6 +639,18 @@ T_AVX2 static float row_dot4_sparse_pq_avx2(const uint8_t *row, const uint8_t *m
     }
     *bad_row = bad != 0;
     return hsum256(_mm256_add_ps(tot0, tot1));
+}
+
+T_AVX2 static float row_dot4_sparse_pq_avx2(const uint8_t *row, const uint8_t *mrow, const float *scales,
+                                            int per_group, int64_t n_stored, const float *xP, const float *xQ,
+                                            const lut4_avx2_t *T, int *bad_row) {
+    return row_dot4_sparse_pq_avx2_impl(row, mrow, scales, per_group, n_stored, xP, xQ, T, NULL, 0, bad_row);
+}
+
+T_AVX2 static float row_dot4_sparse_pq_bf16_avx2(const uint8_t *row, const uint8_t *mrow, const float *scales,
+                                                 int per_group, int64_t n_stored, const float *xP, const float *xQ,
+                                                 const lut2_avx2_t *T2, int *bad_row) {
+    return row_dot4_sparse_pq_avx2_impl(row, mrow, scales, per_group, n_stored, xP, xQ, NULL, T2, 1, bad_row);
 }
 
 /* Opt-in integer-activation batch-1 path (SQ_FLAG_INT_ACT; Python: SQLORA_CPU_INT_ACT=1), 4-bit dense.
@@ -1094,7 +1127,7 @@ T_AVX2 static int gemv4_avx2(int n_threads, const float *x, int64_t N, int64_t K
                              const uint8_t *codes, const float *scales, const uint8_t *mask, const float *lut,
                              const float *t, const float *L, int64_t rank, const float *bias, float *y) {
     const lut4_avx2_t T = lut4_avx2_init(lut);
-    const int bf16 = !sparsity && lut_is_bf16(lut, 16); /* format 2's codebook: the 2-plane lookup */
+    const int bf16 = lut_is_bf16(lut, 16); /* format 2's codebook: the 2-plane lookup */
     const lut2_avx2_t T2 = lut2_avx2_init(lut);
     const int64_t spr = K / group;
     int bad_mask = 0;
@@ -1110,8 +1143,10 @@ T_AVX2 static int gemv4_avx2(int n_threads, const float *x, int64_t N, int64_t K
         float acc;
         if (sparsity) {
             int bad_row;
-            acc = row_dot4_sparse_pq_avx2(codes + n * rb, mask + n * (K / 8), scales + n * spr, group / 2, K / 2,
-                                          xp, xq, &T, &bad_row);
+            acc = bf16 ? row_dot4_sparse_pq_bf16_avx2(codes + n * rb, mask + n * (K / 8), scales + n * spr, group / 2,
+                                                      K / 2, xp, xq, &T2, &bad_row)
+                       : row_dot4_sparse_pq_avx2(codes + n * rb, mask + n * (K / 8), scales + n * spr, group / 2, K / 2,
+                                                 xp, xq, &T, &bad_row);
             if (bad_row) { /* wrong numbers only (every read stays inside the row), but an error */
                 #pragma omp atomic write
                 bad_mask = 1;

@@ -60,13 +60,15 @@ def test_every_format_matches_reference(isa, bits, group, sparsity):
         assert_close_rel(run(module, x, "cpu"), run(module, x, "reference"))
 
 
-@pytest.mark.parametrize("group,k", [(64, 192), (32, 96), (128, 256)])
-def test_format_1_layers_match_reference(isa, group, k):
+@pytest.mark.parametrize("group,k,sparsity", [(64, 192, None), (32, 96, None), (128, 256, None),
+                                               (64, 192, "4:8"), (128, 256, "2:4")])
+def test_format_1_layers_match_reference(isa, group, k, sparsity):
     """Layers of format version 1 (float32 NF levels: the 4-byte-plane lookup) and of version 2
-    (bfloat16 levels: the 2-plane lookup) both match the reference, which decodes each with its own table."""
+    (bfloat16 levels: the 2-plane lookup), dense and sparse, both match the reference, which decodes
+    each with its own table."""
     from sqlora_hf.formats.codebooks import CODEBOOK_NF
 
-    module = make_layer(37, k, 4, group, None, rank=3, bias=True)
+    module = make_layer(37, k, 4, group, sparsity, rank=3, bias=True)
     x = torch.randn(1, k)
     y2 = run(module, x, "cpu")
     assert_close_rel(y2, run(module, x, "reference"))
