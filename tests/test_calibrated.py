@@ -419,6 +419,25 @@ def test_self_generated_calibration_needs_no_data_and_is_reproducible(tiny_model
         assert torch.equal(again(ids).logits, q(ids).logits)
 
 
+def test_self_generated_windows_start_from_varied_ordinary_tokens(tiny_model_dirs):
+    """Each window starts from a random non-special token (not BOS every time), and is seq_len long."""
+    from transformers import AutoModelForCausalLM
+
+    from sqlora_hf.calibration import self_generated
+
+    path, _ = tiny_model_dirs["llama"]
+    model = AutoModelForCausalLM.from_pretrained(path)
+    special = {model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id}
+    windows = self_generated(model, samples=40, seq_len=6, batch=16)
+    assert windows.shape == (40, 6)
+    starts = set(windows[:, 0].tolist())
+    assert len(starts) >= 20 and not starts & special
+    assert torch.equal(windows, self_generated(model, samples=40, seq_len=6, batch=16))
+    assert not torch.equal(windows, self_generated(model, samples=40, seq_len=6, batch=16, seed=1))
+    with pytest.raises(ValueError, match="calibration_seq_len must be at least 2"):
+        self_generated(model, samples=2, seq_len=1)
+
+
 def test_self_generated_calibration_on_an_encoder_is_a_clear_error(tiny_model_dirs):
     from transformers import AutoModel
 
