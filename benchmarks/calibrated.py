@@ -17,7 +17,13 @@ import argparse
 import json
 import os
 import resource
+import sys
 import time
+
+# Python puts this folder first on sys.path, where benchmarks/kernels.py would shadow the `kernels`
+# package that transformers imports (its hub-kernels integration): take the folder off the path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import torch
 

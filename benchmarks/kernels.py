@@ -20,6 +20,11 @@ import sys
 import tempfile
 import time
 
+# Python puts this folder first on sys.path, where benchmarks/kernels.py would shadow the `kernels`
+# package that transformers imports (its hub-kernels integration): take the folder off the path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
 import torch
 import torch.nn.functional as F
 
@@ -309,8 +314,11 @@ def main(argv=None) -> int:
     parser.add_argument("--ppl-windows", type=int, default=2)
     args, rest = parser.parse_known_args(argv)
     if args.device == "cuda":
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import kernels_cuda
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("kernels_cuda", os.path.join(_HERE, "kernels_cuda.py"))
+        kernels_cuda = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(kernels_cuda)
 
         return kernels_cuda.main([a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--device", "cuda")])
     if rest:

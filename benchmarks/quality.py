@@ -21,8 +21,14 @@ import json
 import os
 import platform
 import re
+import sys
 import time
 from datetime import datetime, timezone
+
+# Python puts this folder first on sys.path, where benchmarks/kernels.py would shadow the `kernels`
+# package that transformers imports (its hub-kernels integration): take the folder off the path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import torch
 
@@ -51,13 +57,16 @@ ABLATION_ROWS = {
     "abl: 4:8 NF4 g64 rank auto": dict(memory_budget=None, sparsity="4:8"),
 }
 # Not data-free in spirit only: no data is read, but the calibration text is sampled from the model itself
-# (`calibration="self"`, 64 x 256 tokens), then compressed with the calibrated (GPTQ) path. Minutes, not
-# seconds, per row; causal LMs only (so not run on MiniLM).
+# (`calibration="self"`: each window starts from a random ordinary token, then plain sampling), then
+# compressed with the calibrated (GPTQ) path. Minutes, not seconds, per row (sampling is the slow part);
+# causal LMs only (so not run on MiniLM). The window count and length are spelled out per row.
 SELF_ROWS = {
-    "sqlora self-calibrated 4.25bpw": dict(memory_budget="4.25bpw", calibration="self"),
-    "sqlora self-calibrated 3.25bpw": dict(memory_budget="3.25bpw", calibration="self"),
-    "sqlora self-calibrated 4.25bpw, 128 x 256 sampled": dict(memory_budget="4.25bpw", calibration="self",
-                                                             calibration_samples=128),
+    "sqlora self-calibrated 4.25bpw, 32 x 512 sampled": dict(memory_budget="4.25bpw", calibration="self",
+                                                            calibration_samples=32, calibration_seq_len=512),
+    "sqlora self-calibrated 4.25bpw, 64 x 512 sampled": dict(memory_budget="4.25bpw", calibration="self",
+                                                            calibration_samples=64, calibration_seq_len=512),
+    "sqlora self-calibrated 3.25bpw, 64 x 512 sampled": dict(memory_budget="3.25bpw", calibration="self",
+                                                            calibration_samples=64, calibration_seq_len=512),
 }
 MINILM_ROWS = ["RTN NF4 g64 (no planner, rank 0)", "sqlora default (auto = 4.25 bpw)", "sqlora 3.25bpw"]
 # MiniLM cannot sample its own text, so its calibrated rows read real text: 128 windows of 128 tokens of
