@@ -399,7 +399,7 @@ def test_self_generated_calibration_needs_no_data_and_is_reproducible(tiny_model
 
     path, _ = tiny_model_dirs["llama"]
     own = SQLoRAConfig(calibration="self")
-    assert (own.calibration_samples, own.calibration_seq_len, SQLoRAConfig().calibration_samples) == (64, 256, 128)
+    assert (own.calibration_samples, own.calibration_seq_len, SQLoRAConfig().calibration_samples) == (32, 512, 128)
 
     def load():
         cfg = SQLoRAConfig(bits=4, rank=2, calibration="self", calibration_samples=3, calibration_seq_len=12)
