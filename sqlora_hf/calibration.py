@@ -99,6 +99,7 @@ def prepare(data: Any, tokenizer: Any, samples: int, seq_len: int, text_column: 
     if is_self(data):
         if model is None:
             raise _err(f"{SELF!r} needs the model to sample from")
+        _check_positions(model, seq_len)  # before minutes of sampling
         data = self_generated(model, samples, seq_len)
     if isinstance(data, torch.Tensor) or (isinstance(data, (list, tuple)) and isinstance(data[0], torch.Tensor)):
         rows = [data] if isinstance(data, torch.Tensor) and data.dim() == 1 else list(data)
@@ -123,9 +124,20 @@ def prepare(data: Any, tokenizer: Any, samples: int, seq_len: int, text_column: 
     if windows.shape[0] < samples:
         logger.warning(f"sqlora: the calibration data holds {ids.numel()} tokens, enough for {windows.shape[0]} "
                        f"of the {samples} samples of {seq_len} tokens asked for; using {windows.shape[0]}")
+    _check_positions(model, windows.shape[1])
     digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
     record = {"source": source, "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "sha256": digest}
     return CalibrationBatch(input_ids=windows, record=record)
+
+
+def _check_positions(model: Any, seq_len: int) -> None:
+    """Windows longer than the model's position table would index past it (GPT-2, BERT) or calibrate on
+    positions the model never saw (RoPE): refused before sampling, or once real text is cut into windows."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise _err(f"calibration_seq_len={seq_len} is longer than the model's {limit} positions; "
+                   f"choose calibration_seq_len <= {limit}")
 
 
 def self_generated(model: Any, samples: int, seq_len: int, seed: int = 0, batch: int = 32) -> torch.Tensor:
