@@ -216,6 +216,9 @@ T_AVX512 static float dot_avx512(const float *a, const float *b, int64_t n) {
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
+T_AVX2 static void decode23_avx2(const uint8_t *row, int bits, const float *lut, const float *scales,
+                                 int per_group, int64_t n_stored, float *out);
+
 T_AVX512 static void decode_row_avx512(const uint8_t *row, int bits, const float *lut, const float *scales,
                                        int per_group, int64_t n_stored, float *out) {
     if (bits == 8) {
@@ -225,7 +228,7 @@ T_AVX512 static void decode_row_avx512(const uint8_t *row, int bits, const float
         }
         return;
     }
-    if (bits != 4) { decode_row_scalar(row, bits, lut, scales, per_group, n_stored, out); return; }
+    if (bits != 4) { decode23_avx2(row, bits, lut, scales, per_group, n_stored, out); return; }
     const __m512 table = _mm512_loadu_ps(lut);
     const __m128i m4 = _mm_set1_epi8(15);
     for (int64_t t = 0; t < n_stored / 32; t++) {
@@ -317,10 +320,111 @@ T_AVX2 static void decode8_avx2(const uint8_t *row, const float *scales, int per
     }
 }
 
+/* 2- and 3-bit codes (docs/format.md "Code packing"): byte j of a block's 2-bit plane holds weights
+ * j, j+8, j+16, j+24 in its bit pairs, and the 3-bit block's uint32 high-bit word holds weight i's
+ * bit 2 at bit i. Widened to one int32 per lane (lane j = byte j), weights 8q..8q+7 are the pair at
+ * bits 2q..2q+1, in natural column order, and `vpermps` is an exact 8-entry fp32 table lookup that
+ * reads only the low 3 bits of each index.
+ * 2-bit: the 4 levels are repeated in lanes 4-7, so whatever lands in bit 2 selects the same value
+ * and `v >> 2q` is the whole decode.
+ * 3-bit: the table is reordered to index `pair << 1 | high bit`, so the high bit goes to bit 0, where
+ * `min(hi & (1 << (8q + j)), 1)` puts it with two plain ALU ops, and the pair needs one shift (an add
+ * for q = 0) and an AND. Shifts and `vpermps` share Zen 3's two shuffle pipes, which bound this loop:
+ * 3 shifts + 4 `vpermps` + 1 widening per 32 weights (a variable shift per high bit cost 4 more). */
+typedef struct { __m256 lut; __m256i bit[4], six, one; } lut23_avx2_t;
+
+T_AVX2 static lut23_avx2_t lut23_avx2_init(const float *lut, int bits) {
+    lut23_avx2_t T;
+    if (bits == 2) {
+        T.lut = _mm256_setr_ps(lut[0], lut[1], lut[2], lut[3], lut[0], lut[1], lut[2], lut[3]);
+    } else {
+        float r[8]; /* r[pair << 1 | high] = lut[pair | high << 2] */
+        for (int i = 0; i < 8; i++) r[i] = lut[(i >> 1) | ((i & 1) << 2)];
+        T.lut = _mm256_loadu_ps(r);
+    }
+    for (int q = 0; q < 4; q++) {
+        uint32_t m[8];
+        for (int j = 0; j < 8; j++) m[j] = 1u << (8 * q + j);
+        T.bit[q] = _mm256_loadu_si256((const __m256i *)m);
+    }
+    T.six = _mm256_set1_epi32(6);
+    T.one = _mm256_set1_epi32(1);
+    return T;
+}
+
+/* The 32 table values of one block, in column order: w[q] = weights 8q..8q+7. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void block23_avx2(
+    const uint8_t *b, int bits, const lut23_avx2_t *T, __m256 w[4]) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)b));
+    if (bits == 2) {
+        w[0] = _mm256_permutevar8x32_ps(T->lut, v);
+        w[1] = _mm256_permutevar8x32_ps(T->lut, _mm256_srli_epi32(v, 2));
+        w[2] = _mm256_permutevar8x32_ps(T->lut, _mm256_srli_epi32(v, 4));
+        w[3] = _mm256_permutevar8x32_ps(T->lut, _mm256_srli_epi32(v, 6));
+        return;
+    }
+    uint32_t hi;
+    memcpy(&hi, b + 8, 4);
+    const __m256i h = _mm256_set1_epi32((int)hi);
+#define SQ_HB(q) _mm256_min_epu32(_mm256_and_si256(h, T->bit[q]), T->one)
+    w[0] = _mm256_permutevar8x32_ps(T->lut, _mm256_or_si256(_mm256_and_si256(_mm256_add_epi32(v, v), T->six), SQ_HB(0)));
+    w[1] = _mm256_permutevar8x32_ps(T->lut, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(v, 1), T->six), SQ_HB(1)));
+    w[2] = _mm256_permutevar8x32_ps(T->lut, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(v, 3), T->six), SQ_HB(2)));
+    w[3] = _mm256_permutevar8x32_ps(T->lut, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(v, 5), T->six), SQ_HB(3)));
+#undef SQ_HB
+}
+
+/* Decode (batch > 1, sparse rows): the block's values times the group scale, stored in column order. */
+T_AVX2 static void decode23_avx2(const uint8_t *row, int bits, const float *lut, const float *scales,
+                                 int per_group, int64_t n_stored, float *out) {
+    const lut23_avx2_t T = lut23_avx2_init(lut, bits);
+    const int bpb = 4 * bits;
+    for (int64_t t = 0; t < n_stored / 32; t++) {
+        __m256 w[4];
+        if (bits == 2) block23_avx2(row + t * bpb, 2, &T, w);
+        else block23_avx2(row + t * bpb, 3, &T, w);
+        const __m256 s = _mm256_set1_ps(scales[(t * 32) / per_group]);
+        for (int q = 0; q < 4; q++) _mm256_storeu_ps(out + 32 * t + 8 * q, _mm256_mul_ps(w[q], s));
+    }
+}
+
+/* Batch 1, 2/3-bit dense: lookup and dot in one pass, each group's sum scaled once. */
+__attribute__((target("avx2,fma"), always_inline)) static inline float row_dot23_body(
+    const uint8_t *row, int bits, const lut23_avx2_t *T, const float *scales, int group, int64_t K, const float *x) {
+    const int bpb = 4 * bits, bpg = group / 32;
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / group; g++) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (int64_t t = g * bpg; t < (g + 1) * bpg; t++) {
+            const uint8_t *b = row + t * bpb;
+            _mm_prefetch((const char *)(b + SQ_PREFETCH), _MM_HINT_T0);
+            __m256 w[4];
+            block23_avx2(b, bits, T, w);
+            const float *xk = x + 32 * t;
+            a0 = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xk), a0);
+            a1 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xk + 8), a1);
+            a0 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xk + 16), a0);
+            a1 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xk + 24), a1);
+        }
+        total = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(scales[g]), total);
+    }
+    return hsum256(total);
+}
+
+T_AVX2 static float row_dot2_avx2(const uint8_t *row, const lut23_avx2_t *T, const float *scales, int group,
+                                  int64_t K, const float *x) {
+    return row_dot23_body(row, 2, T, scales, group, K, x);
+}
+
+T_AVX2 static float row_dot3_avx2(const uint8_t *row, const lut23_avx2_t *T, const float *scales, int group,
+                                  int64_t K, const float *x) {
+    return row_dot23_body(row, 3, T, scales, group, K, x);
+}
+
 T_AVX2 static void decode_row_avx2(const uint8_t *row, int bits, const float *lut, const float *scales,
                                    int per_group, int64_t n_stored, float *out) {
     if (bits == 8) { decode8_avx2(row, scales, per_group, n_stored, out); return; }
-    if (bits != 4) { decode_row_scalar(row, bits, lut, scales, per_group, n_stored, out); return; }
+    if (bits != 4) { decode23_avx2(row, bits, lut, scales, per_group, n_stored, out); return; }
     decode4_pshufb_avx2(row, lut, scales, per_group, n_stored, out);
 }
 
@@ -1226,6 +1330,20 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
         #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
         for (int64_t n = 0; n < N; n++) {
             float acc = row_dot8_avx2(codes + n * K, scales + n * spr, group, K, x);
+            if (bias) acc += bias[n];
+            if (rank > 0) acc += dot_avx2(t, L + n * rank, rank);
+            y[n] = acc;
+        }
+        free(t);
+        return SQ_OK;
+    }
+    if (M == 1 && (bits == 2 || bits == 3) && !sparsity && (isa == ISA_AVX2 || isa == ISA_AVX512)) {
+        const lut23_avx2_t T = lut23_avx2_init(lut, bits);
+        const int64_t spr = K / group, rb23 = row_bytes(K, bits);
+        #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+        for (int64_t n = 0; n < N; n++) {
+            float acc = bits == 2 ? row_dot2_avx2(codes + n * rb23, &T, scales + n * spr, group, K, x)
+                                  : row_dot3_avx2(codes + n * rb23, &T, scales + n * spr, group, K, x);
             if (bias) acc += bias[n];
             if (rank > 0) acc += dot_avx2(t, L + n * rank, rank);
             y[n] = acc;

@@ -84,8 +84,8 @@ class SQLoRAConfig(QuantizationConfigMixin):
             activation aware (GPTQ with the low-rank term fitted to the data) and runs after the fp
             model has loaded. Only a record of it (source, samples, length, sha256) is written to
             config.json.
-        calibration_samples: number of calibration windows (default 128; 64 with "self").
-        calibration_seq_len: tokens per window (default 512; 256 with "self").
+        calibration_samples: number of calibration windows (default 128; 32 with "self").
+        calibration_seq_len: tokens per window (default 512, also with "self").
         calibration_method: "intrinsic" (GPTQ-intrinsic LoRA), "eora" (GPTQ, then the whitened-SVD
             correction of the residual) or "gptq" (GPTQ, then a plain SVD correction).
         sparsity_criterion: with calibration and sparsity: "sparsegpt" (masks chosen inside the

@@ -46,6 +46,7 @@ def assert_close_rel(y: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> N
 
 FORMATS = [
     (4, 64, None), (4, 32, None), (4, 128, None), (4, 256, None), (3, 64, None), (8, 64, None), (2, 64, None),
+    (3, 32, None), (3, 256, None), (2, 128, None),
     (4, 64, "2:4"), (4, 128, "4:8"), (3, 64, "4:8"), (8, 64, "2:4"), (2, 128, "2:4"),
 ]
 
