@@ -31,8 +31,9 @@ import torch.nn.functional as F
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 BATCHES = [1, 4, 16, 64]
 # (bits, group, sparsity, format version): version 2 (bfloat16 NF levels, what compression writes) and,
-# for comparison, version 1's float32 levels (the 4-byte-plane lookup)
-FORMATS = [(4, 64, None, 2), (4, 64, None, 1), (4, 64, "4:8", 2)]
+# for comparison, version 1's float32 levels (the 4-byte-plane lookup); the 3-, 8- and 2-bit layers a
+# memory budget gives some layers (NF3 is most of a 3.25 bpw model)
+FORMATS = [(4, 64, None, 2), (4, 64, None, 1), (4, 64, "4:8", 2), (3, 64, None, 2), (8, 64, None, 2), (2, 64, None, 2)]
 
 
 def random_packed(n: int, k: int, bits: int, group: int, sparsity, version: int, gen: torch.Generator) -> dict:
@@ -175,8 +176,9 @@ def record(rows, n, k, m, threads, fmt, suffix, tq, items, roof_gbs, t32, t16, l
 def bench_decode(args) -> dict:
     """Greedy decode tokens/s of SmolLM2-135M compressed (backend "cpu") vs uncompressed fp32.
 
-    Compressed twice: the default (output head left in fp32, as in every peer) and `head_bits=8`
-    (the tied head/embedding packed as int8 rows, docs/benchmarks.md).
+    Compressed three times: the default (output head left in fp32, as in every peer), `head_bits=8`
+    (the tied head/embedding packed as int8 rows, docs/benchmarks.md), and `memory_budget="3.25bpw"`
+    (mostly NF3 layers: the 3-bit kernels).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -194,7 +196,10 @@ def bench_decode(args) -> dict:
                                                   quantization_config=SQLoRAConfig(backend="cpu")).eval()
     head8 = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
                                                  quantization_config=SQLoRAConfig(backend="cpu", head_bits=8)).eval()
-    runs = [("fp32", fp32, None), ("sqlora-cpu", packed, None), ("sqlora-cpu-head8", head8, None)]
+    budget325 = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32, quantization_config=SQLoRAConfig(backend="cpu", memory_budget="3.25bpw")).eval()
+    runs = [("fp32", fp32, None), ("sqlora-cpu", packed, None), ("sqlora-cpu-head8", head8, None),
+            ("sqlora-cpu-3.25bpw", budget325, None)]
     if args.int_act:
         runs += [("sqlora-cpu-int-act", packed, "1"), ("sqlora-cpu-head8-int-act", head8, "1"),
                  ("sqlora-cpu-int-act8", packed, "8"), ("sqlora-cpu-head8-int-act8", head8, "8")]
@@ -224,9 +229,9 @@ def bench_decode(args) -> dict:
         out[label + "_per_cpu_s"] = args.new_tokens / statistics.median(cpu_times[label])
         print(f"decode {label:<18} {out[label]:7.1f} tokens/s wall, {out[label + '_per_cpu_s']:7.1f} per CPU-second "
               f"(median of {args.decode_reps}, {args.new_tokens} new tokens)", flush=True)
-    del fp32, packed, head8
+    del fp32, packed, head8, budget325
     for label, _, _ in runs[1:]:
-        key = "speedup" + label[len("sqlora-cpu"):].replace("-", "_")
+        key = "speedup" + label[len("sqlora-cpu"):].replace("-", "_").replace(".", "_")
         out[key] = out[label] / out["fp32"]
         out[key + "_cpu_s"] = out[label + "_per_cpu_s"] / out["fp32_per_cpu_s"]
         print(f"decode speed-up {label} / fp32: x{out[key]:.2f} wall, x{out[key + '_cpu_s']:.2f} CPU time")

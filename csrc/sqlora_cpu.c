@@ -329,7 +329,7 @@ T_AVX2 static void decode8_avx2(const uint8_t *row, const float *scales, int per
  * and `v >> 2q` is the whole decode.
  * 3-bit: the table is reordered to index `pair << 1 | high bit`, so the high bit goes to bit 0, where
  * `min(hi & (1 << (8q + j)), 1)` puts it with two plain ALU ops, and the pair needs one shift (an add
- * for q = 0) and an AND. Shifts and `vpermps` share Zen 3's two shuffle pipes, which bound this loop:
+ * for q = 0) and an AND. Shifts and `vpermps` share the two shuffle pipes (Zen 3), which bound this loop:
  * 3 shifts + 4 `vpermps` + 1 widening per 32 weights (a variable shift per high bit cost 4 more). */
 typedef struct { __m256 lut; __m256i bit[4], six, one; } lut23_avx2_t;
 
