@@ -1002,6 +1002,29 @@ static float dot_neon(const float *a, const float *b, int64_t n) {
 }
 
 /* 4-bit decode: codes widened to 32-bit lanes and looked up in the 16-float table as 4 byte planes. */
+/* The 32 codes of one block as bytes in column order: cs[0] = weights 0-15, cs[1] = 16-31
+ * (docs/format.md "Code packing": 4-bit nibbles; the 2-bit plane's byte j holds weights j, j+8,
+ * j+16, j+24; 3-bit adds bit i of a uint32 as weight i's bit 2, tested per lane with `vtst`). */
+static inline void codes_neon(const uint8_t *b, int bits, uint8x16_t cs[2]) {
+    if (bits == 4) {
+        const uint8x16_t v = vld1q_u8(b);
+        cs[0] = vandq_u8(v, vdupq_n_u8(15));
+        cs[1] = vshrq_n_u8(v, 4);
+        return;
+    }
+    const uint8x8_t v = vld1_u8(b), m3 = vdup_n_u8(3);
+    cs[0] = vcombine_u8(vand_u8(v, m3), vand_u8(vshr_n_u8(v, 2), m3));
+    cs[1] = vcombine_u8(vand_u8(vshr_n_u8(v, 4), m3), vshr_n_u8(v, 6));
+    if (bits == 3) {
+        static const uint8_t sel[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+        const uint8x16_t bitsel = vld1q_u8(sel), four = vdupq_n_u8(4);
+        const uint8x16_t h01 = vcombine_u8(vdup_n_u8(b[8]), vdup_n_u8(b[9]));
+        const uint8x16_t h23 = vcombine_u8(vdup_n_u8(b[10]), vdup_n_u8(b[11]));
+        cs[0] = vorrq_u8(cs[0], vandq_u8(vtstq_u8(h01, bitsel), four));
+        cs[1] = vorrq_u8(cs[1], vandq_u8(vtstq_u8(h23, bitsel), four));
+    }
+}
+
 static void decode_row_neon(const uint8_t *row, int bits, const float *lut, const float *scales,
                             int per_group, int64_t n_stored, float *out) {
     if (bits == 8) { /* int8 levels widened to fp32 (exact), 16 at a time */
@@ -1016,18 +1039,20 @@ static void decode_row_neon(const uint8_t *row, int bits, const float *lut, cons
         }
         return;
     }
-    if (bits != 4) { decode_row_scalar(row, bits, lut, scales, per_group, n_stored, out); return; }
-    if (lut_is_bf16(lut, 16)) { /* format 2's bfloat16 levels: only the two high byte planes */
-        uint8_t p[2][16];
-        for (int e = 0; e < 16; e++) {
+    /* 2-, 3- and 4-bit codes become 32 code bytes per block in column order (`codes_neon`), then one
+     * table lookup per byte plane: 2 planes for format 2's bfloat16 levels, 4 otherwise. */
+    const int levels = 1 << bits, bpb = 4 * bits;
+    if (lut_is_bf16(lut, levels)) { /* format 2's bfloat16 levels: only the two high byte planes */
+        uint8_t p[2][16] = {{0}};
+        for (int e = 0; e < levels; e++) {
             uint32_t u; memcpy(&u, &lut[e], 4);
             p[0][e] = (uint8_t)(u >> 16);
             p[1][e] = (uint8_t)(u >> 24);
         }
-        const uint8x16_t lo_plane = vld1q_u8(p[0]), hi_plane = vld1q_u8(p[1]), m4 = vdupq_n_u8(15);
+        const uint8x16_t lo_plane = vld1q_u8(p[0]), hi_plane = vld1q_u8(p[1]);
         for (int64_t t = 0; t < n_stored / 32; t++) {
-            const uint8x16_t b = vld1q_u8(row + 16 * t);
-            const uint8x16_t cs[2] = {vandq_u8(b, m4), vshrq_n_u8(b, 4)};
+            uint8x16_t cs[2];
+            codes_neon(row + bpb * t, bits, cs);
             const float32x4_t s = vdupq_n_f32(scales[(t * 32) / per_group]);
             for (int h = 0; h < 2; h++) {
                 /* 16 bf16 words in column order; a word shifted into the top half is its exact float */
@@ -1044,17 +1069,16 @@ static void decode_row_neon(const uint8_t *row, int bits, const float *lut, cons
     }
     uint8x16_t plane[4];
     {
-        uint8_t p[4][16];
-        for (int e = 0; e < 16; e++) {
+        uint8_t p[4][16] = {{0}};
+        for (int e = 0; e < levels; e++) {
             uint32_t u; memcpy(&u, &lut[e], 4);
             for (int q = 0; q < 4; q++) p[q][e] = (uint8_t)(u >> (8 * q));
         }
         for (int q = 0; q < 4; q++) plane[q] = vld1q_u8(p[q]);
     }
-    const uint8x16_t m4 = vdupq_n_u8(15);
     for (int64_t t = 0; t < n_stored / 32; t++) {
-        uint8x16_t b = vld1q_u8(row + 16 * t);
-        uint8x16_t cs[2] = {vandq_u8(b, m4), vshrq_n_u8(b, 4)};
+        uint8x16_t cs[2];
+        codes_neon(row + bpb * t, bits, cs);
         float32x4_t s = vdupq_n_f32(scales[(t * 32) / per_group]);
         for (int h = 0; h < 2; h++) {
             uint8x16_t b0 = vqtbl1q_u8(plane[0], cs[h]), b1 = vqtbl1q_u8(plane[1], cs[h]);
