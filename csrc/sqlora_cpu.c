@@ -329,7 +329,7 @@ T_AVX2 static void decode8_avx2(const uint8_t *row, const float *scales, int per
  * and `v >> 2q` is the whole decode.
  * 3-bit: the table is reordered to index `pair << 1 | high bit`, so the high bit goes to bit 0, where
  * `min(hi & (1 << (8q + j)), 1)` puts it with two plain ALU ops, and the pair needs one shift (an add
- * for q = 0) and an AND. Shifts and `vpermps` share the two shuffle pipes (Zen 3), which bound this loop:
+ * for q = 0) and an AND. Shifts and `vpermps` share the two shuffle pipes (AMD Zen), which bound this loop:
  * 3 shifts + 4 `vpermps` + 1 widening per 32 weights (a variable shift per high bit cost 4 more). */
 typedef struct { __m256 lut; __m256i bit[4], six, one; } lut23_avx2_t;
 
@@ -1001,7 +1001,6 @@ static float dot_neon(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* 4-bit decode: codes widened to 32-bit lanes and looked up in the 16-float table as 4 byte planes. */
 /* The 32 codes of one block as bytes in column order: cs[0] = weights 0-15, cs[1] = 16-31
  * (docs/format.md "Code packing": 4-bit nibbles; the 2-bit plane's byte j holds weights j, j+8,
  * j+16, j+24; 3-bit adds bit i of a uint32 as weight i's bit 2, tested per lane with `vtst`). */
