@@ -960,23 +960,123 @@ T_AVX2 static int gemv4_int8_avx2(int n_threads, const float *x, int64_t N, int6
     return SQ_OK;
 }
 
-T_AVX512 static float row_dot4_avx512(const uint8_t *row, const float *lut, const float *scales, int group,
-                                      int64_t K, const float *x) {
-    const __m512 table = _mm512_loadu_ps(lut);
-    const __m128i m4 = _mm_set1_epi8(15);
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t g0 = 0; g0 < K; g0 += group) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        for (int64_t k = g0; k < g0 + group; k += 32) {
-            __m128i b = _mm_loadu_si128((const __m128i *)(row + k / 2));
-            __m512i cl = _mm512_cvtepu8_epi32(_mm_and_si128(b, m4));
-            __m512i ch = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), m4));
-            a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(cl, table), _mm512_loadu_ps(x + k), a0);
-            a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(ch, table), _mm512_loadu_ps(x + k + 16), a1);
+/* Batch 1, 4-bit dense, AVX-512: "nibble lanes". 64 code bytes (4 blocks, 128 weights) are loaded as 16
+ * dwords, and vector j (0..7) is the table looked up at (v >> 4j): vpermps reads only bits 0-3 of each
+ * index, so no AND and no widening is needed. The former row (one vpmovzxbd per 16 codes, then vpermps)
+ * was bound by those widenings on the shuffle pipes: with weights in cache this one is 1.4x faster on the
+ * AVX-512 (Zen 4) VM of 2026-12-04, from DRAM 1.16-1.32x (docs/kernels_cpu.md). Exact for any float32
+ * table (format 1 and 2 alike). Lane l of vector j holds nibble j of dword l, i.e. weight
+ * 32(l/4) + 4(l%4) + (j>>1) + 16(j&1) of the chunk (the format's block layout), so x is permuted to that
+ * order once per call (`permute_x_nib`) and every lane of 128-bit lane q carries block q's scale.
+ * For long rows (K >= 6144) rows are taken four at a time so that each x load serves four rows: at
+ * K = 11008 x (44 KB) does not fit L1, and one row at a time streamed it from L2 for every row. */
+static void permute_x_nib(const float *x, int64_t K, float *xp) {
+    int64_t c = 0;
+    for (; c + 128 <= K; c += 128)
+        for (int j = 0; j < 8; j++)
+            for (int l = 0; l < 16; l++) xp[c + 16 * j + l] = x[c + 32 * (l / 4) + 4 * (l % 4) + (j >> 1) + 16 * (j & 1)];
+    for (; c < K; c++) xp[c] = x[c]; /* the last 1-3 blocks keep the natural order */
+}
+
+/* the scale of each lane's block for the chunk at column k: lanes 4i..4i+3 belong to block i */
+T_AVX512 static inline __attribute__((always_inline)) __m512 nib_scales(const float *srow, int64_t k, int group) {
+    if (group >= 128) return _mm512_set1_ps(srow[k / group]);
+    if (group == 64) /* blocks 0-1 | 2-3 */
+        return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                                     _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(srow + k / 64)))));
+    return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0), /* group 32 */
+                                 _mm512_castps128_ps512(_mm_loadu_ps(srow + k / 32)));
+}
+
+/* R consecutive rows: codes at stride K/2, scales at K/group. R and group are compile-time constants in
+ * every caller (`nib_rows`): with a run-time group the scale index cost an integer division per chunk. */
+T_AVX512 static inline __attribute__((always_inline)) void
+rows_dot4_nib_avx512(const uint8_t *row, const float *scales, const __m512 table, int group, int64_t K,
+                     const float *xp, float *out, const int R) {
+    const int64_t rs = K / 2, ss = K / group;
+    __m512 tot[4];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) tot[r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 128 <= K; k += 128) {
+        __m512i v[4];
+        __m512 a0[4], a1[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) v[r] = _mm512_loadu_si512((const void *)(row + r * rs + k / 2));
+        {
+            const __m512 x0 = _mm512_loadu_ps(xp + k), x1 = _mm512_loadu_ps(xp + k + 16);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                a0[r] = _mm512_mul_ps(_mm512_permutexvar_ps(v[r], table), x0);
+                a1[r] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v[r], 4), table), x1);
+            }
         }
-        total = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(scales[g0 / group]), total);
+#pragma GCC unroll 3
+        for (int j = 2; j < 8; j += 2) {
+            const __m512 x0 = _mm512_loadu_ps(xp + k + 16 * j), x1 = _mm512_loadu_ps(xp + k + 16 * j + 16);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                a0[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v[r], 4 * j), table), x0, a0[r]);
+                a1[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v[r], 4 * j + 4), table), x1, a1[r]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++)
+            tot[r] = _mm512_fmadd_ps(_mm512_add_ps(a0[r], a1[r]), nib_scales(scales + r * ss, k, group), tot[r]);
     }
-    return _mm512_reduce_add_ps(total);
+    const __m128i m4 = _mm_set1_epi8(15);
+    for (; k < K; k += 32) /* 1-3 trailing blocks of 32, x in natural order */
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const __m128i b = _mm_loadu_si128((const __m128i *)(row + r * rs + k / 2));
+            const __m512 wl = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, m4)), table);
+            const __m512 wh = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), m4)), table);
+            const __m512 p = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xp + k + 16), _mm512_mul_ps(wl, _mm512_loadu_ps(xp + k)));
+            tot[r] = _mm512_fmadd_ps(p, _mm512_set1_ps(scales[r * ss + k / group]), tot[r]);
+        }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(tot[r]);
+}
+
+T_AVX512 static void nib_rows(const uint8_t *row, const float *scales, const __m512 table, int group, int64_t K,
+                              const float *xp, float *out, int R) {
+#define SQ_NIB(G) (R == 4 ? rows_dot4_nib_avx512(row, scales, table, G, K, xp, out, 4) \
+                          : rows_dot4_nib_avx512(row, scales, table, G, K, xp, out, 1))
+    switch (group) {
+    case 32: SQ_NIB(32); break;
+    case 64: SQ_NIB(64); break;
+    case 128: SQ_NIB(128); break;
+    default: SQ_NIB(256); break; /* linear_impl admits only 32, 64, 128, 256 */
+    }
+#undef SQ_NIB
+}
+
+T_AVX512 static int gemv4_avx512(int n_threads, const float *x, int64_t N, int64_t K, int group, const uint8_t *codes,
+                                 const float *scales, const float *lut, const float *t, const float *L, int64_t rank,
+                                 const float *bias, float *y) {
+    float *xp = (float *)malloc(sizeof(float) * (size_t)K);
+    if (!xp) return SQ_ENOMEM;
+    permute_x_nib(x, K, xp);
+    const __m512 table = _mm512_loadu_ps(lut);
+    /* Rows in fours only when x (4K bytes) would crowd L1: with x in L1, four interleaved row streams
+     * were slower from DRAM than one (0.80x at 4096 x 4096; 1.40x faster at K = 11008). */
+    const int64_t quads = K >= 6144 ? N / 4 : 0, units = quads + (N - 4 * quads); /* 4-row units, then single rows */
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int64_t u = 0; u < units; u++) {
+        const int64_t n0 = u < quads ? 4 * u : 4 * quads + (u - quads);
+        const int nr = u < quads ? 4 : 1;
+        float acc[4];
+        nib_rows(codes + n0 * (K / 2), scales + n0 * (K / group), table, group, K, xp, acc, nr);
+        for (int r = 0; r < nr; r++) {
+            const int64_t n = n0 + r;
+            float v = acc[r];
+            if (bias) v += bias[n];
+            if (rank > 0) v += dot_avx512(t, L + n * rank, rank);
+            y[n] = v;
+        }
+    }
+    free(xp);
+    return SQ_OK;
 }
 #endif
 
@@ -1307,7 +1407,8 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
                        const float *bias, int64_t bias_len, float *y) {
     if (M <= 0 || N <= 0 || K <= 0 || rank < 0 || n_threads <= 0) return SQ_EBADARG;
     if (!(bits == 2 || bits == 3 || bits == 4 || bits == 8)) return SQ_EBADARG;
-    if (group <= 0 || group % 32 || K % group || (sparsity && (group % 64))) return SQ_EBADARG;
+    if (!(group == 32 || group == 64 || group == 128 || group == 256) || K % group || (sparsity && group == 32))
+        return SQ_EBADARG; /* the format's group sizes (docs/format.md); the kernels rely on them */
     if (sparsity < 0 || sparsity > 2) return SQ_EBADARG;
     if (!sqlora_cpu_isa_supported(isa)) return SQ_EISA;
     const int64_t n_stored = sparsity ? K / 2 : K;
@@ -1374,6 +1475,11 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
         free(t);
         return SQ_OK;
     }
+    if (M == 1 && bits == 4 && !sparsity && isa == ISA_AVX512) {
+        int rc = gemv4_avx512(n_threads, x, N, K, group, codes, scales, lut, t, L, rank, bias, y);
+        free(t);
+        return rc;
+    }
     if (M == 1 && bits == 4 && (isa == ISA_AVX2 || (isa == ISA_AVX512 && sparsity))) {
         int rc = gemv4_avx2(n_threads, x, N, K, group, sparsity, codes, scales, mask, lut, t, L, rank, bias, y);
         free(t);
@@ -1385,8 +1491,6 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
     const size_t per_thread = (size_t)(2 * K + n_stored + 16);
     int bad_mask = 0;
 #ifdef SQ_X86
-    float (*fused4)(const uint8_t *, const float *, const float *, int, int64_t, const float *) = NULL;
-    if (bits == 4 && !sparsity && isa == ISA_AVX512) fused4 = row_dot4_avx512;
     const int simd = isa == ISA_AVX2 || isa == ISA_AVX512;
 #endif
     int64_t (*scatter)(const float *, const uint8_t *, int64_t, int64_t, float *) = scatter_sparse;
@@ -1408,16 +1512,6 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
         for (int64_t p = 0; p < pairs; p++) {
             const int64_t n0 = 2 * p, nr = n0 + 1 < N ? 2 : 1;
             int ok = 1;
-#ifdef SQ_X86
-            if (fused4 && M == 1) { /* batch 1, 4-bit dense: decode and dot in one pass */
-                for (int64_t n = n0; n < n0 + nr; n++) {
-                    float acc = fused4(codes + n * rb, lut, scales + n * (K / group), group, K, x) + (bias ? bias[n] : 0.0f);
-                    if (rank > 0) acc += dot(t, L + n * rank, rank);
-                    y[n] = acc;
-                }
-                continue;
-            }
-#endif
             for (int64_t r = 0; r < nr; r++) {
                 const int64_t n = n0 + r;
                 const float *srow = scales + n * (K / group);

@@ -80,6 +80,16 @@ def test_format_1_layers_match_reference(isa, group, k, sparsity):
     assert not torch.equal(y1, y2)  # the two codebooks differ, and each layer used its own
 
 
+@pytest.mark.parametrize("group,k", [(64, 6208), (32, 6176), (256, 6400)])
+def test_long_rows_match_reference(isa, group, k):
+    # K >= 6144: the AVX-512 batch-1 kernel takes rows four at a time (N = 37: one row left over), and
+    # K % 128 != 0 for g32/g64 leaves a partial last chunk.
+    module = make_layer(37, k, 4, group, None, rank=3, bias=True)
+    for m in (1, 2):
+        x = torch.randn(m, k)
+        assert_close_rel(run(module, x, "cpu"), run(module, x, "reference"))
+
+
 @pytest.mark.parametrize("rank,bias", [(0, False), (0, True), (7, False), (16, True)])
 @pytest.mark.parametrize("m", [1, 2, 5, 64])
 def test_batches_and_lowrank(isa, rank, bias, m):
@@ -250,3 +260,20 @@ def test_int8_activation_path_matches_its_own_arithmetic(monkeypatch, group, K):
     xq = (round_away(xb * (127.0 / xa)).double() * (xa / 127.0).double()).view(1, K)
     want = xq @ w.T + (x.double() @ packed.lowrank_r.double().T) @ packed.lowrank_l.double().T + module.bias.double()
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_c_harness_natively(tmp_path):
+    """tests/arm/harness.c (the ARM CI's C checks) compiled for this CPU: every x86 path against scalar C,
+    every format, batches 1/3/16, 2 threads, the integer-activation paths and a rejected group size."""
+    import shutil
+    import subprocess
+
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc not found")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    exe = tmp_path / "harness"
+    subprocess.run([gcc, "-O2", "-std=c11", "-fopenmp", os.path.join(root, "tests", "arm", "harness.c"), "-o", str(exe), "-lm"],
+                   check=True, capture_output=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and " 0 failures" in out.stdout, out.stdout[-3000:]

@@ -226,6 +226,23 @@ int main(void) {
                         }
                     }
                 }
+        { /* a group size the format does not allow (any other multiple of 32) is rejected, not computed */
+            float xx[96] = {0}, yy[4], sc[4] = {1, 1, 1, 1}, lut[16] = {0};
+            uint8_t cc[4 * 48] = {0};
+            checks++;
+            if (sqlora_cpu_linear(isa, 1, xx, 1, 1, 96, 4, 96, 0, cc, 48, sc, 1, NULL, 0, lut, 16, NULL, NULL, 0, 0, 0,
+                                  NULL, 0, yy) != SQ_EBADARG) {
+                printf("FAIL isa=%d: group 96 was not rejected\n", isa);
+                failures++;
+            }
+        }
+        /* long rows (K >= 6144: the AVX-512 batch-1 kernel takes rows in fours) with a partial last chunk
+         * and N % 4 = 1 rows left over */
+        for (int gi = 0; gi < 4; gi++) {
+            const int g = groups[gi];
+            checks++;
+            failures += !check_case(isa, 4, g, 0, 1, 37, 6144 + (g == 256 ? 256 : g), 3, 1, 1);
+        }
         /* layers large enough that the driver really uses 2 threads (small ones run on one) */
         for (int sp = 0; sp <= 2; sp++)
             for (int64_t m = 1; m <= 3; m += 2)
