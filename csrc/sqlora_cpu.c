@@ -1002,7 +1002,10 @@ rows_dot4_nib_avx512(const uint8_t *row, const float *scales, const __m512 table
         __m512i v[4];
         __m512 a0[4], a1[4];
 #pragma GCC unroll 4
-        for (int r = 0; r < R; r++) v[r] = _mm512_loadu_si512((const void *)(row + r * rs + k / 2));
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(row + r * rs + k / 2) + SQ_PREFETCH, _MM_HINT_T0);
+            v[r] = _mm512_loadu_si512((const void *)(row + r * rs + k / 2));
+        }
         {
             const __m512 x0 = _mm512_loadu_ps(xp + k), x1 = _mm512_loadu_ps(xp + k + 16);
 #pragma GCC unroll 4
@@ -1074,6 +1077,100 @@ T_AVX512 static int gemv4_avx512(int n_threads, const float *x, int64_t N, int64
             if (rank > 0) v += dot_avx512(t, L + n * rank, rank);
             y[n] = v;
         }
+    }
+    free(xp);
+    return SQ_OK;
+}
+
+/* Batch 1, 2- and 3-bit dense, AVX-512: the same idea on the 2-bit plane. A chunk is 8 blocks (256
+ * weights); its sixteen 2-bit-plane dwords (two per block) sit in one zmm, and vector i (0..15) is the
+ * table looked up at (v >> 2i): vpermps reads bits 0-3, i.e. pair i and, in bits 2-3, pair i+1.
+ * 2-bit: the 4 levels are repeated 4 times in the 16-entry table, so bits 2-3 do not matter.
+ * 3-bit: the 12-byte blocks are gathered into the pair dwords and the high-bit words with two vpermt2d;
+ * per vector one more shift brings each weight's high bit to bit 2, and one vpternlogd keeps bits 0-1
+ * from the pairs and the rest from that word (the 8 levels are repeated twice, so bit 3 does not matter).
+ * Lane l of vector i holds weight 32(l/2) + 8(i%4) + 4(l%2) + i/4 of the chunk; x is permuted to that
+ * order once per call, and lanes 2b, 2b+1 carry block b's scale. The last 1-7 blocks of a row use the
+ * AVX2 block decode with x in natural order. */
+static void permute_x_crumb(const float *x, int64_t K, float *xp) {
+    int64_t c = 0;
+    for (; c + 256 <= K; c += 256)
+        for (int i = 0; i < 16; i++)
+            for (int l = 0; l < 16; l++) xp[c + 16 * i + l] = x[c + 32 * (l / 2) + 8 * (i % 4) + 4 * (l % 2) + i / 4];
+    for (; c < K; c++) xp[c] = x[c];
+}
+
+T_AVX512 static inline __attribute__((always_inline)) float
+row_dot23_avx512(const uint8_t *row, const int bits, const __m512 table, const lut23_avx2_t *T, const float *scales,
+                 int gshift, const __m512i sidx, const __mmask16 smask, int group, int64_t K, const float *xp) {
+    const int64_t bpb = 4 * bits; /* bytes per block */
+    const __m512i pidx = _mm512_set_epi32(22, 21, 19, 18, 16, 15, 13, 12, 10, 9, 7, 6, 4, 3, 1, 0); /* 3(l/2) + l%2 */
+    const __m512i hidx = _mm512_set_epi32(23, 23, 20, 20, 17, 17, 14, 14, 11, 11, 8, 8, 5, 5, 2, 2); /* 3(l/2) + 2 */
+    const __m512i hshift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);         /* 4(l%2) */
+    __m512 tot = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 256 <= K; k += 256) {
+        const uint8_t *b = row + k / 32 * bpb;
+        _mm_prefetch((const char *)(b + SQ_PREFETCH), _MM_HINT_T0);
+        if (bits == 3) _mm_prefetch((const char *)(b + SQ_PREFETCH + 64), _MM_HINT_T0);
+        __m512i v, h = _mm512_setzero_si512();
+        if (bits == 2) {
+            v = _mm512_loadu_si512((const void *)b);
+        } else {
+            const __m512i lo = _mm512_loadu_si512((const void *)b), hi = _mm512_maskz_loadu_epi32(0x00FF, b + 64);
+            v = _mm512_permutex2var_epi32(lo, pidx, hi);
+            h = _mm512_srlv_epi32(_mm512_permutex2var_epi32(lo, hidx, hi), hshift);
+        }
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; i++) {
+            __m512i idx = i ? _mm512_srli_epi32(v, 2 * i) : v;
+            if (bits == 3) { /* weight's high bit: bit 8(i%4) + i/4 of h, moved to bit 2 */
+                const int sh = 8 * (i % 4) + i / 4;
+                const __m512i hb = sh >= 2 ? _mm512_srli_epi32(h, sh - 2) : _mm512_slli_epi32(h, 2 - sh);
+                idx = _mm512_ternarylogic_epi32(idx, hb, _mm512_set1_epi32(3), 0xE4); /* c ? a : b */
+            }
+            const __m512 w = _mm512_permutexvar_ps(idx, table), xv = _mm512_loadu_ps(xp + k + 16 * i);
+            if (i & 1) a1 = _mm512_fmadd_ps(w, xv, a1); else a0 = _mm512_fmadd_ps(w, xv, a0);
+        }
+        const __m512 s = _mm512_permutexvar_ps(sidx, _mm512_maskz_loadu_ps(smask, scales + (k >> gshift)));
+        tot = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), s, tot);
+    }
+    __m256 tail = _mm256_setzero_ps();
+    for (; k < K; k += 32) {
+        __m256 w[4];
+        block23_avx2(row + k / 32 * bpb, bits, T, w);
+        __m256 p = _mm256_mul_ps(w[0], _mm256_loadu_ps(xp + k));
+        p = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xp + k + 8), p);
+        p = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xp + k + 16), p);
+        p = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp + k + 24), p);
+        tail = _mm256_fmadd_ps(p, _mm256_set1_ps(scales[k / group]), tail);
+    }
+    return _mm512_reduce_add_ps(tot) + hsum256(tail);
+}
+
+T_AVX512 static int gemv23_avx512(int n_threads, int bits, const float *x, int64_t N, int64_t K, int group,
+                                  const uint8_t *codes, const float *scales, const float *lut, const float *t,
+                                  const float *L, int64_t rank, const float *bias, float *y) {
+    float *xp = (float *)malloc(sizeof(float) * (size_t)K);
+    if (!xp) return SQ_ENOMEM;
+    permute_x_crumb(x, K, xp);
+    float t16[16];
+    for (int e = 0; e < 16; e++) t16[e] = lut[bits == 2 ? (e & 3) : (e & 7)];
+    const __m512 table = _mm512_loadu_ps(t16);
+    const lut23_avx2_t T = lut23_avx2_init(lut, bits);
+    /* lanes 2b, 2b+1 take block b's scale: index (32 b) / group among the chunk's 256 / group scales */
+    const int gshift = group == 32 ? 5 : group == 64 ? 6 : group == 128 ? 7 : 8;
+    const __m512i sidx = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), gshift - 4);
+    const __mmask16 smask = (__mmask16)((1u << (256 / group)) - 1);
+    const int64_t rb = K / 32 * (4 * bits), spr = K / group;
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int64_t n = 0; n < N; n++) {
+        float acc = bits == 2 ? row_dot23_avx512(codes + n * rb, 2, table, &T, scales + n * spr, gshift, sidx, smask, group, K, xp)
+                              : row_dot23_avx512(codes + n * rb, 3, table, &T, scales + n * spr, gshift, sidx, smask, group, K, xp);
+        if (bias) acc += bias[n];
+        if (rank > 0) acc += dot_avx512(t, L + n * rank, rank);
+        y[n] = acc;
     }
     free(xp);
     return SQ_OK;
@@ -1461,7 +1558,12 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
         free(t);
         return SQ_OK;
     }
-    if (M == 1 && (bits == 2 || bits == 3) && !sparsity && (isa == ISA_AVX2 || isa == ISA_AVX512)) {
+    if (M == 1 && (bits == 2 || bits == 3) && !sparsity && isa == ISA_AVX512) {
+        int rc = gemv23_avx512(n_threads, bits, x, N, K, group, codes, scales, lut, t, L, rank, bias, y);
+        free(t);
+        return rc;
+    }
+    if (M == 1 && (bits == 2 || bits == 3) && !sparsity && isa == ISA_AVX2) {
         const lut23_avx2_t T = lut23_avx2_init(lut, bits);
         const int64_t spr = K / group, rb23 = row_bytes(K, bits);
         #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)

@@ -80,11 +80,12 @@ def test_format_1_layers_match_reference(isa, group, k, sparsity):
     assert not torch.equal(y1, y2)  # the two codebooks differ, and each layer used its own
 
 
-@pytest.mark.parametrize("group,k", [(64, 6208), (32, 6176), (256, 6400)])
-def test_long_rows_match_reference(isa, group, k):
-    # K >= 6144: the AVX-512 batch-1 kernel takes rows four at a time (N = 37: one row left over), and
-    # K % 128 != 0 for g32/g64 leaves a partial last chunk.
-    module = make_layer(37, k, 4, group, None, rank=3, bias=True)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group,k", [(64, 6208), (32, 6176), (256, 6400), (128, 1664)])
+def test_long_rows_match_reference(isa, bits, group, k):
+    # K >= 6144: the AVX-512 4-bit batch-1 kernel takes rows four at a time (N = 37: one row left over);
+    # every K here ends in a partial chunk (128 columns for 4-bit, 256 for 2/3-bit) for some bit width.
+    module = make_layer(37, k, bits, group, None, rank=3, bias=True)
     for m in (1, 2):
         x = torch.randn(m, k)
         assert_close_rel(run(module, x, "cpu"), run(module, x, "reference"))

@@ -236,13 +236,14 @@ int main(void) {
                 failures++;
             }
         }
-        /* long rows (K >= 6144: the AVX-512 batch-1 kernel takes rows in fours) with a partial last chunk
-         * and N % 4 = 1 rows left over */
-        for (int gi = 0; gi < 4; gi++) {
-            const int g = groups[gi];
-            checks++;
-            failures += !check_case(isa, 4, g, 0, 1, 37, 6144 + (g == 256 ? 256 : g), 3, 1, 1);
-        }
+        /* long rows (K >= 6144: the AVX-512 4-bit batch-1 kernel takes rows in fours; N % 4 = 1 row left
+         * over) ending in a partial chunk (128 columns for 4-bit, 256 for 2/3-bit), every bit width */
+        for (int b = 0; b < 4; b++)
+            for (int gi = 0; gi < 4; gi++) {
+                const int g = groups[gi];
+                checks++;
+                failures += !check_case(isa, bits_list[b], g, 0, 1, 37, 6144 + (g == 256 ? 256 : g), 3, 1, bits_list[b] != 8);
+            }
         /* layers large enough that the driver really uses 2 threads (small ones run on one) */
         for (int sp = 0; sp <= 2; sp++)
             for (int64_t m = 1; m <= 3; m += 2)
