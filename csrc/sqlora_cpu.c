@@ -1292,6 +1292,80 @@ static void decode_row_neon(const uint8_t *row, int bits, const float *lut, cons
     }
 }
 
+/* Batch 1, 2/3/4-bit dense, NEON: the decoder's lookups fused with the dot. The table values meet x
+ * in registers (natural column order, as `codes_neon` gives them) and each group's sum is scaled
+ * once, instead of storing the scaled row and reading it back for a separate dot: per 16 weights
+ * 4 multiplies, 4 stores and 4 loads fewer. Checked against scalar C under qemu; not timed on ARM. */
+static inline __attribute__((always_inline)) float row_dot_neon(const uint8_t *row, const int bits, const int bf16,
+                                                                const uint8x16_t plane[4], const float *scales,
+                                                                int group, int64_t K, const float *x) {
+    const int bpb = 4 * bits;
+    float32x4_t tot = vdupq_n_f32(0);
+    for (int64_t g0 = 0; g0 < K; g0 += group) {
+        float32x4_t a0 = vdupq_n_f32(0), a1 = vdupq_n_f32(0);
+        for (int64_t k = g0; k < g0 + group; k += 32) {
+            uint8x16_t cs[2];
+            codes_neon(row + k / 32 * bpb, bits, cs);
+            for (int h = 0; h < 2; h++) {
+                const float *xk = x + k + 16 * h;
+                float32x4_t f0, f1, f2, f3;
+                if (bf16) { /* format 2: two byte planes give bf16 words; a word in the top half is its float */
+                    const uint8x16x2_t w = vzipq_u8(vqtbl1q_u8(plane[0], cs[h]), vqtbl1q_u8(plane[1], cs[h]));
+                    const uint16x8_t w0 = vreinterpretq_u16_u8(w.val[0]), w1 = vreinterpretq_u16_u8(w.val[1]);
+                    f0 = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(w0), 16));
+                    f1 = vreinterpretq_f32_u32(vshll_n_u16(vget_high_u16(w0), 16));
+                    f2 = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(w1), 16));
+                    f3 = vreinterpretq_f32_u32(vshll_n_u16(vget_high_u16(w1), 16));
+                } else { /* four byte planes interleaved into little-endian floats */
+                    const uint8x16x2_t z01 = vzipq_u8(vqtbl1q_u8(plane[0], cs[h]), vqtbl1q_u8(plane[1], cs[h]));
+                    const uint8x16x2_t z23 = vzipq_u8(vqtbl1q_u8(plane[2], cs[h]), vqtbl1q_u8(plane[3], cs[h]));
+                    const uint16x8x2_t lo = vzipq_u16(vreinterpretq_u16_u8(z01.val[0]), vreinterpretq_u16_u8(z23.val[0]));
+                    const uint16x8x2_t hi = vzipq_u16(vreinterpretq_u16_u8(z01.val[1]), vreinterpretq_u16_u8(z23.val[1]));
+                    f0 = vreinterpretq_f32_u16(lo.val[0]);
+                    f1 = vreinterpretq_f32_u16(lo.val[1]);
+                    f2 = vreinterpretq_f32_u16(hi.val[0]);
+                    f3 = vreinterpretq_f32_u16(hi.val[1]);
+                }
+                a0 = vfmaq_f32(a0, f0, vld1q_f32(xk));
+                a1 = vfmaq_f32(a1, f1, vld1q_f32(xk + 4));
+                a0 = vfmaq_f32(a0, f2, vld1q_f32(xk + 8));
+                a1 = vfmaq_f32(a1, f3, vld1q_f32(xk + 12));
+            }
+        }
+        tot = vfmaq_n_f32(tot, vaddq_f32(a0, a1), scales[g0 / group]);
+    }
+    return vaddvq_f32(tot);
+}
+
+static int gemv_neon(int n_threads, int bits, const float *x, int64_t N, int64_t K, int group, const uint8_t *codes,
+                     const float *scales, const float *lut, const float *t, const float *L, int64_t rank,
+                     const float *bias, float *y) {
+    const int levels = 1 << bits, bf16 = lut_is_bf16(lut, levels);
+    uint8_t p[4][16] = {{0}};
+    for (int e = 0; e < levels; e++) {
+        uint32_t u; memcpy(&u, &lut[e], 4);
+        if (bf16) { p[0][e] = (uint8_t)(u >> 16); p[1][e] = (uint8_t)(u >> 24); }
+        else for (int q = 0; q < 4; q++) p[q][e] = (uint8_t)(u >> (8 * q));
+    }
+    uint8x16_t plane[4];
+    for (int q = 0; q < 4; q++) plane[q] = vld1q_u8(p[q]);
+    const int64_t rb = K / 32 * (4 * bits), spr = K / group;
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *r = codes + n * rb;
+        const float *sr = scales + n * spr;
+        float acc;
+        /* literal bits / bf16 per call: each combination is its own inlined loop */
+        if (bits == 4) acc = bf16 ? row_dot_neon(r, 4, 1, plane, sr, group, K, x) : row_dot_neon(r, 4, 0, plane, sr, group, K, x);
+        else if (bits == 3) acc = bf16 ? row_dot_neon(r, 3, 1, plane, sr, group, K, x) : row_dot_neon(r, 3, 0, plane, sr, group, K, x);
+        else acc = bf16 ? row_dot_neon(r, 2, 1, plane, sr, group, K, x) : row_dot_neon(r, 2, 0, plane, sr, group, K, x);
+        if (bias) acc += bias[n];
+        if (rank > 0) acc += dot_neon(t, L + n * rank, rank);
+        y[n] = acc;
+    }
+    return SQ_OK;
+}
+
 __attribute__((target("arch=armv8.2-a+dotprod")))
 static float dot_dotprod(const float *a, const float *b, int64_t n) { return dot_neon(a, b, n); }
 
@@ -1533,6 +1607,11 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
 #ifdef SQ_ARM
     if ((flags & SQ_FLAG_INT8_ACT) && M == 1 && bits == 4 && !sparsity && isa == ISA_DOTPROD) {
         int rc = gemv4_int8_dotprod(n_threads, x, N, K, group, codes, scales, lut, t, L, rank, bias, y);
+        free(t);
+        return rc;
+    }
+    if (M == 1 && bits != 8 && !sparsity && (isa == ISA_NEON || isa == ISA_DOTPROD)) {
+        int rc = gemv_neon(n_threads, bits, x, N, K, group, codes, scales, lut, t, L, rank, bias, y);
         free(t);
         return rc;
     }
