@@ -244,6 +244,9 @@ T_AVX512 static void decode_row_avx512(const uint8_t *row, int bits, const float
  * path waiting on memory (4096x4096 g64 on the dev VM: 944 -> 785 us with this, min of 9; the exact
  * path is compute-bound and gains ~4 %). Prefetches past the end of a buffer are harmless hints. */
 #define SQ_PREFETCH 2048
+#ifndef SQ_SMALL_M
+#define SQ_SMALL_M 6 /* AVX-512 4-bit: batches 2..6 take the fused small-batch kernel (at 7 it ties, at 8 it loses) */
+#endif
 
 /* Batch-1 4-bit dense, exact fp32, with byte-table lookups (vpshufb) instead of float permutes.
  * Each table value is split into its 4 bytes; 4 vpshufb look up the 4 byte planes of 32 codes at
@@ -1082,6 +1085,93 @@ T_AVX512 static int gemv4_avx512(int n_threads, const float *x, int64_t N, int64
     return SQ_OK;
 }
 
+/* Small batches (2-8 rows of x), 4-bit dense, AVX-512: the nibble-lane lookup of one weight row feeds
+ * MB rows of x (1, 2 or 4; a compile-time constant like group), so the weights are never stored
+ * decoded. Each x row is permuted once per call (`permute_x_nib`). */
+T_AVX512 static inline __attribute__((always_inline)) void
+row_dot4_nib_m_avx512(const uint8_t *row, const float *srow, const __m512 table, int group, int64_t K,
+                      const float *xp, float *out, const int MB) {
+    __m512 tot[4];
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; m++) tot[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 128 <= K; k += 128) {
+        _mm_prefetch((const char *)(row + k / 2) + SQ_PREFETCH, _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512((const void *)(row + k / 2));
+        __m512 a0[4], a1[4];
+#pragma GCC unroll 4
+        for (int m = 0; m < MB; m++) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            const __m512 w = _mm512_permutexvar_ps(j ? _mm512_srli_epi32(v, 4 * j) : v, table);
+#pragma GCC unroll 4
+            for (int m = 0; m < MB; m++) {
+                const __m512 xv = _mm512_loadu_ps(xp + m * K + k + 16 * j);
+                if (j & 1) a1[m] = _mm512_fmadd_ps(w, xv, a1[m]); else a0[m] = _mm512_fmadd_ps(w, xv, a0[m]);
+            }
+        }
+        const __m512 sv = nib_scales(srow, k, group);
+#pragma GCC unroll 4
+        for (int m = 0; m < MB; m++) tot[m] = _mm512_fmadd_ps(_mm512_add_ps(a0[m], a1[m]), sv, tot[m]);
+    }
+    const __m128i m4 = _mm_set1_epi8(15);
+    for (; k < K; k += 32) { /* 1-3 trailing blocks of 32, x in natural order */
+        const __m128i b = _mm_loadu_si128((const __m128i *)(row + k / 2));
+        const __m512 wl = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, m4)), table);
+        const __m512 wh = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), m4)), table);
+        const __m512 sv = _mm512_set1_ps(srow[k / group]);
+#pragma GCC unroll 4
+        for (int m = 0; m < MB; m++) {
+            const __m512 p = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xp + m * K + k + 16), _mm512_mul_ps(wl, _mm512_loadu_ps(xp + m * K + k)));
+            tot[m] = _mm512_fmadd_ps(p, sv, tot[m]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; m++) out[m] = _mm512_reduce_add_ps(tot[m]);
+}
+
+T_AVX512 static void nib_m(const uint8_t *row, const float *srow, const __m512 table, int group, int64_t K,
+                           const float *xp, float *out, int MB) {
+#define SQ_NIBM(G) (MB == 4 ? row_dot4_nib_m_avx512(row, srow, table, G, K, xp, out, 4) \
+                   : MB == 2 ? row_dot4_nib_m_avx512(row, srow, table, G, K, xp, out, 2) \
+                             : row_dot4_nib_m_avx512(row, srow, table, G, K, xp, out, 1))
+    switch (group) {
+    case 32: SQ_NIBM(32); break;
+    case 64: SQ_NIBM(64); break;
+    case 128: SQ_NIBM(128); break;
+    default: SQ_NIBM(256); break;
+    }
+#undef SQ_NIBM
+}
+
+T_AVX512 static int gemm4_small_avx512(int n_threads, const float *x, int64_t M, int64_t N, int64_t K, int group,
+                                       const uint8_t *codes, const float *scales, const float *lut, const float *t,
+                                       const float *L, int64_t rank, const float *bias, float *y) {
+    float *xp = (float *)malloc(sizeof(float) * (size_t)(M * K));
+    if (!xp) return SQ_ENOMEM;
+    for (int64_t m = 0; m < M; m++) permute_x_nib(x + m * K, K, xp + m * K);
+    const __m512 table = _mm512_loadu_ps(lut);
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = codes + n * (K / 2);
+        const float *srow = scales + n * (K / group);
+        for (int64_t m0 = 0; m0 < M;) {
+            const int mb = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;
+            float acc[4];
+            nib_m(row, srow, table, group, K, xp + m0 * K, acc, mb);
+            for (int j = 0; j < mb; j++) {
+                float v = acc[j];
+                if (bias) v += bias[n];
+                if (rank > 0) v += dot_avx512(t + (m0 + j) * rank, L + n * rank, rank);
+                y[(m0 + j) * N + n] = v;
+            }
+            m0 += mb;
+        }
+    }
+    free(xp);
+    return SQ_OK;
+}
+
 /* Batch 1, 2- and 3-bit dense, AVX-512: the same idea on the 2-bit plane. A chunk is 8 blocks (256
  * weights); its sixteen 2-bit-plane dwords (two per block) sit in one zmm, and vector i (0..15) is the
  * table looked up at (v >> 2i): vpermps reads bits 0-3, i.e. pair i and, in bits 2-3, pair i+1.
@@ -1655,6 +1745,11 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
         }
         free(t);
         return SQ_OK;
+    }
+    if (M >= 2 && M <= SQ_SMALL_M && bits == 4 && !sparsity && isa == ISA_AVX512) {
+        int rc = gemm4_small_avx512(n_threads, x, M, N, K, group, codes, scales, lut, t, L, rank, bias, y);
+        free(t);
+        return rc;
     }
     if (M == 1 && bits == 4 && !sparsity && isa == ISA_AVX512) {
         int rc = gemv4_avx512(n_threads, x, N, K, group, codes, scales, lut, t, L, rank, bias, y);
