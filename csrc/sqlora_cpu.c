@@ -1172,6 +1172,98 @@ T_AVX512 static int gemm4_small_avx512(int n_threads, const float *x, int64_t M,
     return SQ_OK;
 }
 
+T_AVX512 static inline __attribute__((always_inline)) __m512 _mm512_insertf32x8_avx512f(float s0, float s1) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(s0)), _mm256_castps_pd(_mm256_set1_ps(s1)), 1));
+}
+
+/* Batch 1, 8-bit dense, AVX-512: 64 int8 codes loaded as 16 dwords; byte b of every lane becomes an
+ * int32 with one left shift and one arithmetic right shift (byte 3: the right shift alone) instead of a
+ * widening shuffle, then `vcvtdq2ps` and an FMA. Lane l of vector b holds weight 4l + b of the chunk, so
+ * x is permuted to that order once per call; with groups of 32, lanes 0-7 carry the first group's scale
+ * and lanes 8-15 the second's. Rows in fours for K >= 6144, as for 4-bit. */
+static void permute_x_byte(const float *x, int64_t K, float *xp) {
+    int64_t c = 0;
+    for (; c + 64 <= K; c += 64)
+        for (int b = 0; b < 4; b++)
+            for (int l = 0; l < 16; l++) xp[c + 16 * b + l] = x[c + 4 * l + b];
+    for (; c < K; c++) xp[c] = x[c];
+}
+
+T_AVX512 static inline __attribute__((always_inline)) void
+rows_dot8_avx512(const uint8_t *row, const float *scales, int group, int64_t K, const float *xp, float *out,
+                 const int R) {
+    const int64_t ss = K / group;
+    __m512 tot[4];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) tot[r] = _mm512_setzero_ps();
+    int64_t k = 0; /* K is a multiple of 32: one trailing half chunk at most */
+    for (; k + 64 <= K; k += 64) {
+        const __m512 x0 = _mm512_loadu_ps(xp + k), x1 = _mm512_loadu_ps(xp + k + 16);
+        const __m512 x2 = _mm512_loadu_ps(xp + k + 32), x3 = _mm512_loadu_ps(xp + k + 48);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const uint8_t *b = row + r * K + k;
+            _mm_prefetch((const char *)b + SQ_PREFETCH, _MM_HINT_T0);
+            const __m512i v = _mm512_loadu_si512((const void *)b);
+            __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24)), x0);
+            __m512 c = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24)), x1);
+            a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24)), x2, a);
+            c = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(v, 24)), x3, c);
+            const __m512 sv = group == 32 ? _mm512_insertf32x8_avx512f(scales[r * ss + k / 32], scales[r * ss + k / 32 + 1])
+                                          : _mm512_set1_ps(scales[r * ss + k / group]);
+            tot[r] = _mm512_fmadd_ps(_mm512_add_ps(a, c), sv, tot[r]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        float tail = 0.0f;
+        if (k < K) { /* the last 32 codes, x in natural order */
+            const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + r * K + k)));
+            const __m512i w = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + r * K + k + 16)));
+            const __m512 p = _mm512_fmadd_ps(_mm512_cvtepi32_ps(w), _mm512_loadu_ps(xp + k + 16),
+                                             _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_loadu_ps(xp + k)));
+            tail = _mm512_reduce_add_ps(p) * scales[r * ss + k / group];
+        }
+        out[r] = _mm512_reduce_add_ps(tot[r]) + tail;
+    }
+}
+
+T_AVX512 static void rows8(const uint8_t *row, const float *scales, int group, int64_t K, const float *xp, float *out, int R) {
+#define SQ_R8(G) (R == 4 ? rows_dot8_avx512(row, scales, G, K, xp, out, 4) : rows_dot8_avx512(row, scales, G, K, xp, out, 1))
+    switch (group) {
+    case 32: SQ_R8(32); break;
+    case 64: SQ_R8(64); break;
+    case 128: SQ_R8(128); break;
+    default: SQ_R8(256); break;
+    }
+#undef SQ_R8
+}
+
+T_AVX512 static int gemv8_avx512(int n_threads, const float *x, int64_t N, int64_t K, int group, const uint8_t *codes,
+                                 const float *scales, const float *t, const float *L, int64_t rank, const float *bias,
+                                 float *y) {
+    float *xp = (float *)malloc(sizeof(float) * (size_t)K);
+    if (!xp) return SQ_ENOMEM;
+    permute_x_byte(x, K, xp);
+    const int64_t quads = K >= 6144 ? N / 4 : 0, units = quads + (N - 4 * quads);
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int64_t u = 0; u < units; u++) {
+        const int64_t n0 = u < quads ? 4 * u : 4 * quads + (u - quads);
+        const int nr = u < quads ? 4 : 1;
+        float acc[4];
+        rows8(codes + n0 * K, scales + n0 * (K / group), group, K, xp, acc, nr);
+        for (int r = 0; r < nr; r++) {
+            const int64_t n = n0 + r;
+            float v = acc[r];
+            if (bias) v += bias[n];
+            if (rank > 0) v += dot_avx512(t, L + n * rank, rank);
+            y[n] = v;
+        }
+    }
+    free(xp);
+    return SQ_OK;
+}
+
 /* Batch 1, 2- and 3-bit dense, AVX-512: the same idea on the 2-bit plane. A chunk is 8 blocks (256
  * weights); its sixteen 2-bit-plane dwords (two per block) sit in one zmm, and vector i (0..15) is the
  * table looked up at (v >> 2i): vpermps reads bits 0-3, i.e. pair i and, in bits 2-3, pair i+1.
@@ -1715,7 +1807,12 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
         free(t);
         return rc;
     }
-    if (M == 1 && bits == 8 && !sparsity && (isa == ISA_AVX2 || isa == ISA_AVX512)) {
+    if (M == 1 && bits == 8 && !sparsity && isa == ISA_AVX512) {
+        int rc = gemv8_avx512(n_threads, x, N, K, group, codes, scales, t, L, rank, bias, y);
+        free(t);
+        return rc;
+    }
+    if (M == 1 && bits == 8 && !sparsity && isa == ISA_AVX2) {
         const int64_t spr = K / group;
         #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
         for (int64_t n = 0; n < N; n++) {

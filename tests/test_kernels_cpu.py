@@ -80,7 +80,7 @@ def test_format_1_layers_match_reference(isa, group, k, sparsity):
     assert not torch.equal(y1, y2)  # the two codebooks differ, and each layer used its own
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group,k", [(64, 6208), (32, 6176), (256, 6400), (128, 1664)])
 def test_long_rows_match_reference(isa, bits, group, k):
     # K >= 6144: the AVX-512 4-bit batch-1 kernel takes rows four at a time (N = 37: one row left over);
