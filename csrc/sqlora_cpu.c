@@ -1282,14 +1282,18 @@ static void permute_x_crumb(const float *x, int64_t K, float *xp) {
     for (; c < K; c++) xp[c] = x[c];
 }
 
-T_AVX512 static inline __attribute__((always_inline)) float
+/* One weight row against MB rows of permuted x (row stride K): MB is 1, 2 or 4, a compile-time constant. */
+T_AVX512 static inline __attribute__((always_inline)) void
 row_dot23_avx512(const uint8_t *row, const int bits, const __m512 table, const lut23_avx2_t *T, const float *scales,
-                 int gshift, const __m512i sidx, const __mmask16 smask, int group, int64_t K, const float *xp) {
+                 int gshift, const __m512i sidx, const __mmask16 smask, int group, int64_t K, const float *xp,
+                 float *out, const int MB) {
     const int64_t bpb = 4 * bits; /* bytes per block */
     const __m512i pidx = _mm512_set_epi32(22, 21, 19, 18, 16, 15, 13, 12, 10, 9, 7, 6, 4, 3, 1, 0); /* 3(l/2) + l%2 */
     const __m512i hidx = _mm512_set_epi32(23, 23, 20, 20, 17, 17, 14, 14, 11, 11, 8, 8, 5, 5, 2, 2); /* 3(l/2) + 2 */
     const __m512i hshift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);         /* 4(l%2) */
-    __m512 tot = _mm512_setzero_ps();
+    __m512 tot[4];
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; m++) tot[m] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 256 <= K; k += 256) {
         const uint8_t *b = row + k / 32 * bpb;
@@ -1303,7 +1307,9 @@ row_dot23_avx512(const uint8_t *row, const int bits, const __m512 table, const l
             v = _mm512_permutex2var_epi32(lo, pidx, hi);
             h = _mm512_srlv_epi32(_mm512_permutex2var_epi32(lo, hidx, hi), hshift);
         }
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        __m512 a0[4], a1[4];
+#pragma GCC unroll 4
+        for (int m = 0; m < MB; m++) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
 #pragma GCC unroll 16
         for (int i = 0; i < 16; i++) {
             __m512i idx = i ? _mm512_srli_epi32(v, 2 * i) : v;
@@ -1312,31 +1318,44 @@ row_dot23_avx512(const uint8_t *row, const int bits, const __m512 table, const l
                 const __m512i hb = sh >= 2 ? _mm512_srli_epi32(h, sh - 2) : _mm512_slli_epi32(h, 2 - sh);
                 idx = _mm512_ternarylogic_epi32(idx, hb, _mm512_set1_epi32(3), 0xE4); /* c ? a : b */
             }
-            const __m512 w = _mm512_permutexvar_ps(idx, table), xv = _mm512_loadu_ps(xp + k + 16 * i);
-            if (i & 1) a1 = _mm512_fmadd_ps(w, xv, a1); else a0 = _mm512_fmadd_ps(w, xv, a0);
+            const __m512 w = _mm512_permutexvar_ps(idx, table);
+#pragma GCC unroll 4
+            for (int m = 0; m < MB; m++) {
+                const __m512 xv = _mm512_loadu_ps(xp + m * K + k + 16 * i);
+                if (i & 1) a1[m] = _mm512_fmadd_ps(w, xv, a1[m]); else a0[m] = _mm512_fmadd_ps(w, xv, a0[m]);
+            }
         }
-        const __m512 s = _mm512_permutexvar_ps(sidx, _mm512_maskz_loadu_ps(smask, scales + (k >> gshift)));
-        tot = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), s, tot);
+        const __m512 sv = _mm512_permutexvar_ps(sidx, _mm512_maskz_loadu_ps(smask, scales + (k >> gshift)));
+#pragma GCC unroll 4
+        for (int m = 0; m < MB; m++) tot[m] = _mm512_fmadd_ps(_mm512_add_ps(a0[m], a1[m]), sv, tot[m]);
     }
-    __m256 tail = _mm256_setzero_ps();
+    __m256 tail[4];
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; m++) tail[m] = _mm256_setzero_ps();
     for (; k < K; k += 32) {
         __m256 w[4];
         block23_avx2(row + k / 32 * bpb, bits, T, w);
-        __m256 p = _mm256_mul_ps(w[0], _mm256_loadu_ps(xp + k));
-        p = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xp + k + 8), p);
-        p = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xp + k + 16), p);
-        p = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp + k + 24), p);
-        tail = _mm256_fmadd_ps(p, _mm256_set1_ps(scales[k / group]), tail);
+        const __m256 sv = _mm256_set1_ps(scales[k / group]);
+#pragma GCC unroll 4
+        for (int m = 0; m < MB; m++) {
+            const float *xk = xp + m * K + k;
+            __m256 p = _mm256_mul_ps(w[0], _mm256_loadu_ps(xk));
+            p = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xk + 8), p);
+            p = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xk + 16), p);
+            p = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xk + 24), p);
+            tail[m] = _mm256_fmadd_ps(p, sv, tail[m]);
+        }
     }
-    return _mm512_reduce_add_ps(tot) + hsum256(tail);
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; m++) out[m] = _mm512_reduce_add_ps(tot[m]) + hsum256(tail[m]);
 }
 
-T_AVX512 static int gemv23_avx512(int n_threads, int bits, const float *x, int64_t N, int64_t K, int group,
+T_AVX512 static int gemm23_avx512(int n_threads, int bits, const float *x, int64_t M, int64_t N, int64_t K, int group,
                                   const uint8_t *codes, const float *scales, const float *lut, const float *t,
                                   const float *L, int64_t rank, const float *bias, float *y) {
-    float *xp = (float *)malloc(sizeof(float) * (size_t)K);
+    float *xp = (float *)malloc(sizeof(float) * (size_t)(M * K));
     if (!xp) return SQ_ENOMEM;
-    permute_x_crumb(x, K, xp);
+    for (int64_t m = 0; m < M; m++) permute_x_crumb(x + m * K, K, xp + m * K);
     float t16[16];
     for (int e = 0; e < 16; e++) t16[e] = lut[bits == 2 ? (e & 3) : (e & 7)];
     const __m512 table = _mm512_loadu_ps(t16);
@@ -1348,11 +1367,24 @@ T_AVX512 static int gemv23_avx512(int n_threads, int bits, const float *x, int64
     const int64_t rb = K / 32 * (4 * bits), spr = K / group;
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
     for (int64_t n = 0; n < N; n++) {
-        float acc = bits == 2 ? row_dot23_avx512(codes + n * rb, 2, table, &T, scales + n * spr, gshift, sidx, smask, group, K, xp)
-                              : row_dot23_avx512(codes + n * rb, 3, table, &T, scales + n * spr, gshift, sidx, smask, group, K, xp);
-        if (bias) acc += bias[n];
-        if (rank > 0) acc += dot_avx512(t, L + n * rank, rank);
-        y[n] = acc;
+        const uint8_t *row = codes + n * rb;
+        const float *srow = scales + n * spr;
+        for (int64_t m0 = 0; m0 < M;) { /* x rows in blocks of 4, then 2, then 1 */
+            const int mb = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;
+            const float *xb = xp + m0 * K;
+            float acc[4];
+#define SQ_R23(B, MB) row_dot23_avx512(row, B, table, &T, srow, gshift, sidx, smask, group, K, xb, acc, MB)
+            if (bits == 2) { if (mb == 4) SQ_R23(2, 4); else if (mb == 2) SQ_R23(2, 2); else SQ_R23(2, 1); }
+            else { if (mb == 4) SQ_R23(3, 4); else if (mb == 2) SQ_R23(3, 2); else SQ_R23(3, 1); }
+#undef SQ_R23
+            for (int j = 0; j < mb; j++) {
+                float v = acc[j];
+                if (bias) v += bias[n];
+                if (rank > 0) v += dot_avx512(t + (m0 + j) * rank, L + n * rank, rank);
+                y[(m0 + j) * N + n] = v;
+            }
+            m0 += mb;
+        }
     }
     free(xp);
     return SQ_OK;
@@ -1824,8 +1856,8 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
         free(t);
         return SQ_OK;
     }
-    if (M == 1 && (bits == 2 || bits == 3) && !sparsity && isa == ISA_AVX512) {
-        int rc = gemv23_avx512(n_threads, bits, x, N, K, group, codes, scales, lut, t, L, rank, bias, y);
+    if (M <= SQ_SMALL_M && (bits == 2 || bits == 3) && !sparsity && isa == ISA_AVX512) {
+        int rc = gemm23_avx512(n_threads, bits, x, M, N, K, group, codes, scales, lut, t, L, rank, bias, y);
         free(t);
         return rc;
     }
