@@ -66,7 +66,7 @@ int sqlora_cpu_best_isa(void) {
     return ISA_SCALAR;
 }
 
-int sqlora_cpu_abi_version(void) { return 4; }
+int sqlora_cpu_abi_version(void) { return 5; }
 
 /* ---------------------------------------------------------------------------------------------- */
 /* Scalar pieces (also the reference for the SIMD ones)                                           */
@@ -1778,6 +1778,26 @@ T_AVX2 static int gemv4_avx2(int n_threads, const float *x, int64_t N, int64_t K
 }
 #endif
 
+/* Every length a layer's buffers must have, checked before any kernel reads them (0 or SQ_E*). */
+static int check_layer(int isa, int64_t N, int64_t K, int bits, int group, int sparsity, int64_t codes_len,
+                       int64_t scales_len, const uint8_t *mask, int64_t mask_len, const float *lut, int64_t lut_len,
+                       const float *L, const float *R, int64_t rank, int64_t L_len, int64_t R_len,
+                       const float *bias, int64_t bias_len) {
+    if (N <= 0 || K <= 0 || rank < 0) return SQ_EBADARG;
+    if (!(bits == 2 || bits == 3 || bits == 4 || bits == 8)) return SQ_EBADARG;
+    if (!(group == 32 || group == 64 || group == 128 || group == 256) || K % group || (sparsity && group == 32))
+        return SQ_EBADARG; /* the format's group sizes (docs/format.md); the kernels rely on them */
+    if (sparsity < 0 || sparsity > 2) return SQ_EBADARG;
+    if (!sqlora_cpu_isa_supported(isa)) return SQ_EISA;
+    const int64_t rb = row_bytes(sparsity ? K / 2 : K, bits);
+    if (codes_len != N * rb || scales_len != N * (K / group)) return SQ_EBADLEN;
+    if (sparsity && (mask == NULL || mask_len != N * (K / 8))) return SQ_EBADLEN;
+    if (bits != 8 && (lut == NULL || lut_len != (1 << bits))) return SQ_EBADLEN;
+    if (rank > 0 && (L == NULL || R == NULL || L_len != N * rank || R_len != rank * K)) return SQ_EBADLEN;
+    if (bias && bias_len != N) return SQ_EBADLEN;
+    return SQ_OK;
+}
+
 /*
  * x [M, K] fp32, y [M, N] fp32 (written). codes [N, row_bytes] u8, scales [N, K/g] fp32,
  * mask [N, K/8] u8 or NULL (dense), lut: 2^bits fp32 (ignored for 8-bit), L [N, r] fp32, R [r, K]
@@ -1790,20 +1810,13 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
                        const uint8_t *mask, int64_t mask_len, const float *lut, int64_t lut_len,
                        const float *L, const float *R, int64_t rank, int64_t L_len, int64_t R_len,
                        const float *bias, int64_t bias_len, float *y) {
-    if (M <= 0 || N <= 0 || K <= 0 || rank < 0 || n_threads <= 0) return SQ_EBADARG;
-    if (!(bits == 2 || bits == 3 || bits == 4 || bits == 8)) return SQ_EBADARG;
-    if (!(group == 32 || group == 64 || group == 128 || group == 256) || K % group || (sparsity && group == 32))
-        return SQ_EBADARG; /* the format's group sizes (docs/format.md); the kernels rely on them */
-    if (sparsity < 0 || sparsity > 2) return SQ_EBADARG;
-    if (!sqlora_cpu_isa_supported(isa)) return SQ_EISA;
+    if (M <= 0 || n_threads <= 0) return SQ_EBADARG;
+    const int rc_layer = check_layer(isa, N, K, bits, group, sparsity, codes_len, scales_len, mask, mask_len, lut,
+                                     lut_len, L, R, rank, L_len, R_len, bias, bias_len);
+    if (rc_layer) return rc_layer;
     const int64_t n_stored = sparsity ? K / 2 : K;
     const int per_group = sparsity ? group / 2 : group;
     const int64_t rb = row_bytes(n_stored, bits);
-    if (codes_len != N * rb || scales_len != N * (K / group)) return SQ_EBADLEN;
-    if (sparsity && (mask == NULL || mask_len != N * (K / 8))) return SQ_EBADLEN;
-    if (bits != 8 && (lut == NULL || lut_len != (1 << bits))) return SQ_EBADLEN;
-    if (rank > 0 && (L == NULL || R == NULL || L_len != N * rank || R_len != rank * K)) return SQ_EBADLEN;
-    if (bias && bias_len != N) return SQ_EBADLEN;
     init_tables();
     dot_fn dot; decode_fn dec;
     if (pick(isa, &dot, &dec)) return SQ_EISA;
@@ -1981,6 +1994,65 @@ int sqlora_cpu_linear(int isa, int n_threads, const float *x, int64_t M, int64_t
                       const float *bias, int64_t bias_len, float *y) {
     return linear_impl(isa, 0, n_threads, x, M, N, K, bits, group, sparsity, codes, codes_len, scales, scales_len,
                        mask, mask_len, lut, lut_len, L, R, rank, L_len, R_len, bias, bias_len, y);
+}
+
+/* Rows [n0, n1) of the layer's dequantized weights into w [n1 - n0, K] fp32: table value times group
+ * scale, exactly the products the kernels use; sparse rows scattered to their columns; no low-rank
+ * term, no bias. Large batches multiply such row tiles with torch's BLAS (sqlora_hf/kernels/cpu/ops.py),
+ * so only one small tile is ever held in fp32. Same descriptor as `sqlora_cpu_linear_desc`. */
+int sqlora_cpu_dequantize_rows_desc(const int64_t *d, int isa, int n_threads, int64_t n0, int64_t n1, float *w) {
+    if (d == NULL || w == NULL || n_threads <= 0) return SQ_EBADARG;
+#define SQ_P(T, i) ((T)(intptr_t)d[i])
+    const int64_t N = d[0], K = d[1];
+    const int bits = (int)d[2], group = (int)d[3], sparsity = (int)d[4];
+    const uint8_t *codes = SQ_P(const uint8_t *, 5), *mask = SQ_P(const uint8_t *, 9);
+    const float *scales = SQ_P(const float *, 7), *lut = SQ_P(const float *, 11);
+    const int rc = check_layer(isa, N, K, bits, group, sparsity, d[6], d[8], mask, d[10], lut, d[12],
+                               SQ_P(const float *, 13), SQ_P(const float *, 14), d[15], d[16], d[17],
+                               SQ_P(const float *, 18), d[19]);
+#undef SQ_P
+    if (rc) return rc;
+    if (n0 < 0 || n1 > N || n0 >= n1) return SQ_EBADARG;
+    init_tables();
+    dot_fn dot; decode_fn dec;
+    if (pick(isa, &dot, &dec)) return SQ_EISA;
+    (void)dot;
+    const int64_t n_stored = sparsity ? K / 2 : K, rb = row_bytes(n_stored, bits);
+    const int per_group = sparsity ? group / 2 : group;
+    int64_t (*scatter)(const float *, const uint8_t *, int64_t, int64_t, float *) = scatter_sparse;
+#ifdef SQ_X86
+    if (isa == ISA_AVX2 || isa == ISA_AVX512) scatter = scatter_sparse_avx2;
+#endif
+    const size_t per_thread = (size_t)(n_stored + 16);
+    float *buf = sparsity ? (float *)malloc(sizeof(float) * per_thread * (size_t)n_threads) : NULL;
+    if (sparsity && !buf) return SQ_ENOMEM;
+    if ((n1 - n0) * K < ((int64_t)1 << 18)) n_threads = 1;
+    int bad_mask = 0;
+    #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
+    {
+#ifdef _OPENMP
+        float *stored = buf ? buf + per_thread * (size_t)omp_get_thread_num() : NULL;
+#else
+        float *stored = buf;
+#endif
+        #pragma omp for schedule(static)
+        for (int64_t n = n0; n < n1; n++) {
+            const float *srow = scales + n * (K / group);
+            float *out = w + (n - n0) * K;
+            if (!sparsity) {
+                dec(codes + n * rb, bits, lut, srow, per_group, n_stored, out);
+                continue;
+            }
+            dec(codes + n * rb, bits, lut, srow, per_group, n_stored, stored);
+            for (int i = 0; i < 16; i++) stored[n_stored + i] = 0.0f;
+            if (scatter(stored, mask + n * (K / 8), K, n_stored, out) != n_stored) {
+                #pragma omp atomic write
+                bad_mask = 1;
+            }
+        }
+    }
+    free(buf);
+    return bad_mask ? SQ_EBADLEN : SQ_OK;
 }
 
 int sqlora_cpu_linear_desc(const int64_t *d, int isa, int flags, int n_threads, const float *x, int64_t M, float *y) {

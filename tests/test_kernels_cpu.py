@@ -91,6 +91,33 @@ def test_long_rows_match_reference(isa, bits, group, k):
         assert_close_rel(run(module, x, "cpu"), run(module, x, "reference"))
 
 
+@pytest.mark.parametrize("bits,group,sparsity", FORMATS)
+def test_large_batches_match_reference(isa, bits, group, sparsity, monkeypatch):
+    # From SQLORA_CPU_GEMM_MIN_ROWS rows (default 32) a call multiplies dequantized row tiles with torch's
+    # BLAS; with it set to 0 the packed kernel takes every batch. Both must give the reference's numbers.
+    module = make_layer(37, group * 3, bits, group, sparsity, rank=4, bias=True)
+    x = torch.randn(40, group * 3)
+    ref = run(module, x, "reference")
+    assert_close_rel(run(module, x, "cpu"), ref)
+    monkeypatch.setenv("SQLORA_CPU_GEMM_MIN_ROWS", "0")
+    assert_close_rel(run(module, x, "cpu"), ref)
+
+
+@pytest.mark.parametrize("sparsity", [None, "4:8"])
+def test_large_batch_spans_several_tiles(sparsity):
+    # 300 x 4096 weights are more than one 4 MB tile (256 rows of 4096), so the last tile is partial.
+    module = make_layer(300, 4096, 4, 64, sparsity, rank=2, bias=True)
+    x = torch.randn(33, 4096)
+    assert_close_rel(run(module, x, "cpu"), run(module, x, "reference"))
+
+
+def test_gemm_min_rows_must_be_a_count(monkeypatch):
+    module = make_layer(8, 64, 4, 64, None, rank=0, bias=False)
+    monkeypatch.setenv("SQLORA_CPU_GEMM_MIN_ROWS", "many")
+    with pytest.raises(ValueError, match="SQLORA_CPU_GEMM_MIN_ROWS"):
+        run(module, torch.randn(40, 64), "cpu")
+
+
 @pytest.mark.parametrize("rank,bias", [(0, False), (0, True), (7, False), (16, True)])
 @pytest.mark.parametrize("m", [1, 2, 5, 64])
 def test_batches_and_lowrank(isa, rank, bias, m):

@@ -20,7 +20,7 @@ from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 SOURCE_CANDIDATES = [HERE.parents[2] / "csrc" / "sqlora_cpu.c"]
-ABI_VERSION = 4
+ABI_VERSION = 5
 ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3, "dotprod": 4}
 ISA_NAMES = {v: k for k, v in ISA_CODES.items()}
 COMPILE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp"]
@@ -95,6 +95,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     ]
     lib.sqlora_cpu_linear_desc.restype = i32
     lib.sqlora_cpu_linear_desc.argtypes = [vp, i32, i32, i32, vp, i64, vp]  # desc, isa, flags, threads, x, M, y
+    lib.sqlora_cpu_dequantize_rows_desc.restype = i32
+    lib.sqlora_cpu_dequantize_rows_desc.argtypes = [vp, i32, i32, i64, i64, vp]  # desc, isa, threads, n0, n1, w
     lib.sqlora_gptq_columns.restype = i32
     lib.sqlora_gptq_columns.argtypes = [
         i32, i64, i64, i64, i64, vp, i64,  # threads, nb, c0, c1, N, w, ld

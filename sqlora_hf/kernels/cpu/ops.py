@@ -51,6 +51,59 @@ def act_flags() -> int:
     raise ValueError(f"SQLORA_CPU_INT_ACT must be 0, 1 (= 12) or 8, got {env!r}")
 
 
+# Large batches: torch's BLAS on dequantized row tiles. Our register-blocked kernel runs at a fixed
+# ~60 GFLOPS per core, while the BLAS gets faster with the batch (docs/kernels_cpu.md "Large batches").
+GEMM_MIN_ROWS = 32
+_TILE_FLOATS = 1 << 20  # 4 MB of fp32 weights per tile, reused: the most a call ever holds dequantized
+_tile: list = []
+
+
+def gemm_min_rows() -> int:
+    """`SQLORA_CPU_GEMM_MIN_ROWS`: the batch (rows of x) from which a call multiplies dequantized row tiles
+    with torch's BLAS instead of the packed kernel (default 32; 0: never)."""
+    env = os.environ.get("SQLORA_CPU_GEMM_MIN_ROWS")
+    if not env:
+        return GEMM_MIN_ROWS
+    try:
+        n = int(env)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"SQLORA_CPU_GEMM_MIN_ROWS must be a non-negative integer (0: never), got {env!r}")
+    return n
+
+
+def _tile_buffer() -> torch.Tensor:
+    if not _tile:
+        _tile.append(torch.empty(_TILE_FLOATS, dtype=torch.float32))
+    return _tile[0]
+
+
+def _run_tiled(lib, d: "Described", x: torch.Tensor, m: int) -> torch.Tensor:
+    """y = x Wᵀ + bias + (x Rᵀ) Lᵀ with W dequantized a tile of rows at a time into one reused 4 MB
+    buffer (the same products of table value and scale as the kernels, summed by the BLAS)."""
+    x2 = x.reshape(m, d.k)
+    yt = torch.empty((d.n, m), dtype=torch.float32)  # yᵀ: each tile's rows are contiguous
+    buf = _tile_buffer()
+    rows = max(1, min(d.n, _TILE_FLOATS // d.k))
+    isa, threads = library.ISA_CODES[library.selected_isa()], num_threads()
+    xt = x2.t()
+    for n0 in range(0, d.n, rows):
+        n1 = min(d.n, n0 + rows)
+        w = buf[: (n1 - n0) * d.k].view(n1 - n0, d.k)
+        rc = lib.sqlora_cpu_dequantize_rows_desc(d.addr, isa, threads, n0, n1, w.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"sqlora_cpu.dequantize failed: {ERRORS.get(rc, rc)} (code {rc})")
+        torch.mm(w, xt, out=yt[n0:n1])
+    y = yt.t()
+    lowrank_l, lowrank_r, bias = d.tensors[4], d.tensors[5], d.tensors[6]
+    if lowrank_l is not None:
+        y = torch.addmm(y, x2 @ lowrank_r.t(), lowrank_l.t())
+    if bias is not None:
+        y = y + bias
+    return y.contiguous().reshape(*x.shape[:-1], d.n)
+
+
 def _row_bytes(n_stored: int, bits: int) -> int:
     return n_stored if bits == 8 else n_stored // 32 * 4 * bits
 
@@ -132,8 +185,11 @@ def run(d: Described, x: torch.Tensor) -> torch.Tensor:
 def run_flat(d: Described, x: torch.Tensor) -> torch.Tensor:
     """`run` for a contiguous fp32 CPU `x [..., K]` (checked by the caller) → `[..., N]`, no reshapes."""
     lib = library.load()
-    y = torch.empty((*x.shape[:-1], d.n), dtype=torch.float32)
     m = x.numel() // d.k
+    big = gemm_min_rows()
+    if big and m >= big:
+        return _run_tiled(lib, d, x, m)
+    y = torch.empty((*x.shape[:-1], d.n), dtype=torch.float32)
     if m == 0:
         return y
     rc = lib.sqlora_cpu_linear_desc(d.addr, library.ISA_CODES[library.selected_isa()], act_flags(), num_threads(),
