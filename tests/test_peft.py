@@ -150,6 +150,7 @@ def test_backward_in_row_slices_equals_one_piece(compressed_dirs, label, monkeyp
     from sqlora_hf.nn import linear as linear_mod
 
     layer = _load(compressed_dirs[label]).model.layers[0].mlp.up_proj  # 128 -> 256
+    layer.backend = "reference"  # the oracle's dequantizer (the "cpu" backend has its own: next test)
     x = torch.randn(5, layer.in_features)
     grads, largest = [], []
     original = PackedLayer.dequantize_quantized
@@ -163,14 +164,46 @@ def test_backward_in_row_slices_equals_one_piece(compressed_dirs, label, monkeyp
     for chunk in (1 << 30, 3 * layer.in_features, 1):  # one piece; 3-row slices (uneven: 256 = 85·3 + 1); 1 row
         monkeypatch.setattr(linear_mod, "BACKWARD_CHUNK_ELEMENTS", chunk)
         xg = x.clone().requires_grad_(True)
+        largest.append(0)
         y = layer(xg)
-        largest.append(0)  # only what the backward dequantizes
+        largest[-1] = 0  # only what the backward dequantizes (the reference forward dequantizes too)
         y.backward(torch.ones(5, layer.out_features))
         grads.append(xg.grad)
     assert largest == [layer.out_features * layer.in_features, 3 * layer.in_features, layer.in_features]
     w = layer.dequantize()
     assert _rel(grads[0], torch.ones(5, layer.out_features) @ w) < 1e-5
     assert _rel(grads[1], grads[0]) < 1e-6 and _rel(grads[2], grads[0]) < 1e-6
+
+
+@pytest.mark.parametrize("label", ["dense", "4:8"])
+def test_cpu_backward_dequantizes_with_the_c_decoders(compressed_dirs, label, monkeypatch):
+    """On the "cpu" backend the backward takes Ŵ's row slices from the C decoders: the same gradient as
+    the oracle's, in the same slices."""
+    from sqlora_hf.kernels.cpu import library, ops
+    from sqlora_hf.nn import linear as linear_mod
+
+    if library.load() is None:
+        pytest.skip(f"CPU kernels not built: {library.load_error()}")
+    layer = _load(compressed_dirs[label]).model.layers[0].mlp.up_proj  # 128 -> 256
+    x = torch.randn(5, layer.in_features)
+    grad_y = torch.randn(5, layer.out_features)
+    pieces = []
+    original = ops.dequantize_rows
+
+    def recording(d, start, stop):
+        pieces.append(stop - start)
+        return original(d, start, stop)
+
+    monkeypatch.setattr(ops, "dequantize_rows", recording)
+    grads = {}
+    for backend in ("reference", "cpu"):
+        layer.backend = backend
+        monkeypatch.setattr(linear_mod, "BACKWARD_CHUNK_ELEMENTS", 3 * layer.in_features)
+        xg = x.clone().requires_grad_(True)
+        layer(xg).backward(grad_y)
+        grads[backend] = xg.grad
+    assert pieces == [3] * 85 + [1]  # 256 rows in slices of 3, all from the C path
+    assert torch.equal(grads["cpu"], grads["reference"])
 
 
 # ---- training ----------------------------------------------------------------------------------------

@@ -191,16 +191,26 @@ class SQLoRALinear(nn.Module):
 BACKWARD_CHUNK_ELEMENTS = 1 << 22
 
 
-def _grad_through_quantized(packed, grad_y: torch.Tensor) -> torch.Tensor:
-    """grad_y · Ŵ, dequantizing Ŵ in row slices of at most `BACKWARD_CHUNK_ELEMENTS` elements."""
+def _grad_through_quantized(packed, grad_y: torch.Tensor, rows=None) -> torch.Tensor:
+    """grad_y · Ŵ, dequantizing Ŵ in row slices of at most `BACKWARD_CHUNK_ELEMENTS` elements.
+
+    `rows(start, stop)` gives those rows of Ŵ in fp32 when the layer's backend has a fast dequantizer
+    (the C one is ~60x faster than the torch oracle and gives the same values); else the oracle."""
     n, k = packed.out_features, packed.in_features
     step = max(1, BACKWARD_CHUNK_ELEMENTS // k)
+
+    def piece(start: int, stop: int) -> torch.Tensor:
+        if rows is not None:
+            return rows(start, stop).to(grad_y.dtype)
+        whole = start == 0 and stop == n
+        return (packed if whole else packed.row_slice(start, stop)).dequantize_quantized(grad_y.dtype)
+
     if n <= step:
-        return grad_y @ packed.dequantize_quantized(grad_y.dtype)
+        return grad_y @ piece(0, n)
     grad_x = grad_y.new_zeros(grad_y.shape[0], k)
     for start in range(0, n, step):
         stop = min(n, start + step)
-        grad_x.addmm_(grad_y[:, start:stop], packed.row_slice(start, stop).dequantize_quantized(grad_y.dtype))
+        grad_x.addmm_(grad_y[:, start:stop], piece(start, stop))
     return grad_x
 
 
@@ -216,7 +226,7 @@ class _PackedLinearGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2: torch.Tensor, bias: Optional[torch.Tensor], module: "SQLoRALinear", backend) -> torch.Tensor:
-        ctx.module = module
+        ctx.module, ctx.backend = module, backend
         return backend.linear(module, x2)
 
     @staticmethod
@@ -226,7 +236,9 @@ class _PackedLinearGrad(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             packed = module.packed()
-            grad_x = _grad_through_quantized(packed, grad_y)
+            fast = getattr(ctx.backend, "dequantize_rows", None)
+            rows = None if fast is None or not grad_y.device.type == "cpu" else (lambda a, b: fast(module, a, b))
+            grad_x = _grad_through_quantized(packed, grad_y, rows)
             if packed.rank > 0:
                 grad_x = grad_x + (grad_y @ packed.lowrank_l.to(grad_y.dtype)) @ packed.lowrank_r.to(grad_y.dtype)
         if ctx.needs_input_grad[1]:

@@ -94,6 +94,11 @@ class CPUBackend:
     def supports(self, module, x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and x.dtype in _DTYPES and module.qcodes is not None and module.qcodes.device.type == "cpu"
 
+    def dequantize_rows(self, module, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of Ŵ (no low-rank term) in fp32 by the C decoders, for the backward of
+        fine-tuning: the same values as `PackedLayer.dequantize_quantized`, ~60x faster."""
+        return ops.dequantize_rows(prepared(module)["described"], start, stop)
+
     def linear(self, module, x: torch.Tensor) -> torch.Tensor:
         c = prepared(module)
         if "backend_name" not in c:

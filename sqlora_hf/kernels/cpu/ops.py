@@ -79,6 +79,19 @@ def _tile_buffer() -> torch.Tensor:
     return _tile[0]
 
 
+def dequantize_rows(d: "Described", start: int, stop: int) -> torch.Tensor:
+    """Rows `start:stop` of a described layer's Ŵ as a new fp32 tensor (C decoders, checked lengths)."""
+    if not 0 <= start < stop <= d.n:
+        raise ValueError(f"sqlora_cpu.dequantize_rows: rows {start}:{stop} outside 0:{d.n}")
+    lib = library.load()
+    w = torch.empty((stop - start, d.k), dtype=torch.float32)
+    rc = lib.sqlora_cpu_dequantize_rows_desc(d.addr, library.ISA_CODES[library.selected_isa()], num_threads(),
+                                             start, stop, w.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"sqlora_cpu.dequantize failed: {ERRORS.get(rc, rc)} (code {rc})")
+    return w
+
+
 def _run_tiled(lib, d: "Described", x: torch.Tensor, m: int) -> torch.Tensor:
     """y = x Wᵀ + bias + (x Rᵀ) Lᵀ with W dequantized a tile of rows at a time into one reused 4 MB
     buffer (the same products of table value and scale as the kernels, summed by the BLAS)."""
