@@ -305,3 +305,31 @@ def test_c_harness_natively(tmp_path):
                    check=True, capture_output=True)
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and " 0 failures" in out.stdout, out.stdout[-3000:]
+
+
+def test_large_batches_from_two_threads_at_once():
+    # The large-batch path reuses a tile buffer; each Python thread has its own (the C call and
+    # torch.mm release the GIL, so a shared one would mix two layers' weights).
+    import threading
+
+    layers = [make_layer(300, 4096, 4, 64, None, rank=0, bias=False, seed=s) for s in (1, 2)]
+    xs = [torch.randn(40, 4096, generator=torch.Generator().manual_seed(s)) for s in (3, 4)]
+    refs = [run(m, x, "reference") for m, x in zip(layers, xs)]
+    for m in layers:
+        m.backend = "cpu"
+    errors = []
+
+    def work(i):
+        for _ in range(5):
+            with torch.no_grad():
+                y = layers[i](xs[i])
+            rel = ((y - refs[i]).norm() / refs[i].norm()).item()
+            if rel > 1e-4:
+                errors.append(rel)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

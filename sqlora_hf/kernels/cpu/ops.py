@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -55,7 +56,7 @@ def act_flags() -> int:
 # ~60 GFLOPS per core, while the BLAS gets faster with the batch (docs/kernels_cpu.md "Large batches").
 GEMM_MIN_ROWS = 32
 _TILE_FLOATS = 1 << 20  # 4 MB of fp32 weights per tile, reused: the most a call ever holds dequantized
-_tile: list = []
+_tile = threading.local()  # one buffer per Python thread: the C call and torch.mm release the GIL
 
 
 def gemm_min_rows() -> int:
@@ -74,9 +75,10 @@ def gemm_min_rows() -> int:
 
 
 def _tile_buffer() -> torch.Tensor:
-    if not _tile:
-        _tile.append(torch.empty(_TILE_FLOATS, dtype=torch.float32))
-    return _tile[0]
+    buf = getattr(_tile, "buf", None)
+    if buf is None:
+        buf = _tile.buf = torch.empty(_TILE_FLOATS, dtype=torch.float32)
+    return buf
 
 
 def dequantize_rows(d: "Described", start: int, stop: int) -> torch.Tensor:
