@@ -245,7 +245,8 @@ T_AVX512 static void decode_row_avx512(const uint8_t *row, int bits, const float
  * path is compute-bound and gains ~4 %). Prefetches past the end of a buffer are harmless hints. */
 #define SQ_PREFETCH 2048
 #ifndef SQ_SMALL_M
-#define SQ_SMALL_M 6 /* AVX-512 4-bit: batches 2..6 take the fused small-batch kernel (at 7 it ties, at 8 it loses) */
+#define SQ_SMALL_M 6 /* AVX-512 2/3/4-bit: batches up to 6 take the fused small-batch kernels (measured for 4-bit:
+                        * at 7 it ties, at 8 it loses; 3-bit gains 1.1-3x at 2-6) */
 #endif
 
 /* Batch-1 4-bit dense, exact fp32, with byte-table lookups (vpshufb) instead of float permutes.
@@ -986,7 +987,7 @@ T_AVX512 static inline __attribute__((always_inline)) __m512 nib_scales(const fl
     if (group >= 128) return _mm512_set1_ps(srow[k / group]);
     if (group == 64) /* blocks 0-1 | 2-3 */
         return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
-                                     _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(srow + k / 64)))));
+                                     _mm512_maskz_loadu_ps(0x3, srow + k / 64));
     return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0), /* group 32 */
                                  _mm512_castps128_ps512(_mm_loadu_ps(srow + k / 32)));
 }
@@ -1085,7 +1086,7 @@ T_AVX512 static int gemv4_avx512(int n_threads, const float *x, int64_t N, int64
     return SQ_OK;
 }
 
-/* Small batches (2-8 rows of x), 4-bit dense, AVX-512: the nibble-lane lookup of one weight row feeds
+/* Small batches (2-6 rows of x, SQ_SMALL_M), 4-bit dense, AVX-512: the nibble-lane lookup of one weight row feeds
  * MB rows of x (1, 2 or 4; a compile-time constant like group), so the weights are never stored
  * decoded. Each x row is permuted once per call (`permute_x_nib`). */
 T_AVX512 static inline __attribute__((always_inline)) void
@@ -1999,7 +2000,7 @@ int sqlora_cpu_linear(int isa, int n_threads, const float *x, int64_t M, int64_t
 /* Rows [n0, n1) of the layer's dequantized weights into w [n1 - n0, K] fp32: table value times group
  * scale, exactly the products the kernels use; sparse rows scattered to their columns; no low-rank
  * term, no bias. Large batches multiply such row tiles with torch's BLAS (sqlora_hf/kernels/cpu/ops.py),
- * so only one small tile is ever held in fp32. Same descriptor as `sqlora_cpu_linear_desc`. */
+ * so only one small tile per calling thread is ever held in fp32. Same descriptor as `sqlora_cpu_linear_desc`. */
 int sqlora_cpu_dequantize_rows_desc(const int64_t *d, int isa, int n_threads, int64_t n0, int64_t n1, float *w) {
     if (d == NULL || w == NULL || n_threads <= 0) return SQ_EBADARG;
 #define SQ_P(T, i) ((T)(intptr_t)d[i])
@@ -2023,10 +2024,10 @@ int sqlora_cpu_dequantize_rows_desc(const int64_t *d, int isa, int n_threads, in
 #ifdef SQ_X86
     if (isa == ISA_AVX2 || isa == ISA_AVX512) scatter = scatter_sparse_avx2;
 #endif
+    if ((n1 - n0) * K < ((int64_t)1 << 18)) n_threads = 1;
     const size_t per_thread = (size_t)(n_stored + 16);
     float *buf = sparsity ? (float *)malloc(sizeof(float) * per_thread * (size_t)n_threads) : NULL;
     if (sparsity && !buf) return SQ_ENOMEM;
-    if ((n1 - n0) * K < ((int64_t)1 << 18)) n_threads = 1;
     int bad_mask = 0;
     #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
     {

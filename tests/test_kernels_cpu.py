@@ -84,9 +84,10 @@ def test_format_1_layers_match_reference(isa, group, k, sparsity):
 @pytest.mark.parametrize("group,k", [(64, 6208), (32, 6176), (256, 6400), (128, 1664)])
 def test_long_rows_match_reference(isa, bits, group, k):
     # K >= 6144: the AVX-512 4-bit batch-1 kernel takes rows four at a time (N = 37: one row left over);
-    # every K here ends in a partial chunk (128 columns for 4-bit, 256 for 2/3-bit) for some bit width.
+    # for groups 32/64 K ends in a partial chunk (128 columns for 4-bit, 256 for 2/3-bit). Batches 2, 4
+    # and 6 reach the small-batch kernels' blocks of 2 and 4 rows of x.
     module = make_layer(37, k, bits, group, None, rank=3, bias=True)
-    for m in (1, 2):
+    for m in (1, 2, 4, 6):
         x = torch.randn(m, k)
         assert_close_rel(run(module, x, "cpu"), run(module, x, "reference"))
 

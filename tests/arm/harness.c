@@ -203,7 +203,7 @@ static int check_gptq_loops(int bits) {
 int main(void) {
     static const int bits_list[] = {2, 3, 4, 8};
     static const int groups[] = {32, 64, 128, 256};
-    static const int64_t batches[] = {1, 3, 16};
+    static const int64_t batches[] = {1, 3, 16, 6}; /* 6: the AVX-512 small-batch kernels' 4 + 2 rows */
     int checks = 0, failures = 0, simd_paths = 0;
     for (int isa = 1; isa <= 4; isa++) {
         if (!sqlora_cpu_isa_supported(isa)) continue;
@@ -213,7 +213,7 @@ int main(void) {
                 for (int sp = 0; sp <= 2; sp++) {
                     int g = groups[gi];
                     if (sp && g % 64) continue;
-                    for (int bi = 0; bi < 3; bi++) {
+                    for (int bi = 0; bi < 4; bi++) {
                         int64_t rank = bi == 1 ? 0 : 5;
                         for (int bf = 0; bf <= (bits_list[b] == 8 ? 0 : 1); bf++) {
                             checks++;
@@ -237,7 +237,8 @@ int main(void) {
             }
         }
         /* long rows (K >= 6144: the AVX-512 4-bit batch-1 kernel takes rows in fours; N % 4 = 1 row left
-         * over) ending in a partial chunk (128 columns for 4-bit, 256 for 2/3-bit), every bit width */
+         * over), every bit width; for groups 32/64 K ends in a partial chunk (128 columns for 4-bit, 256
+         * for 2/3-bit) */
         for (int b = 0; b < 4; b++)
             for (int gi = 0; gi < 4; gi++) {
                 const int g = groups[gi];

@@ -56,7 +56,9 @@ def act_flags() -> int:
 # ~60 GFLOPS per core, while the BLAS gets faster with the batch (docs/kernels_cpu.md "Large batches").
 GEMM_MIN_ROWS = 32
 _TILE_FLOATS = 1 << 20  # 4 MB of fp32 weights per tile, reused: the most a call ever holds dequantized
-_tile = threading.local()  # one buffer per Python thread: the C call and torch.mm release the GIL
+# One buffer per Python thread (the C call and torch.mm release the GIL); a thread that ran a large
+# batch keeps its 4 MB for its lifetime.
+_tile = threading.local()
 
 
 def gemm_min_rows() -> int:
@@ -81,6 +83,19 @@ def _tile_buffer() -> torch.Tensor:
     return buf
 
 
+def _run_tiled(lib, d: "Described", x: torch.Tensor, m: int) -> torch.Tensor:
+    """y = x Wᵀ + bias + (x Rᵀ) Lᵀ with W dequantized a tile of rows at a time into this thread's 4 MB
+    buffer (the same products of table value and scale as the kernels, summed by the BLAS). A nested
+    call on the same thread (a dispatch mode running another layer inside torch.mm) gets a fresh tile."""
+    nested = getattr(_tile, "busy", False)
+    buf = torch.empty(_TILE_FLOATS, dtype=torch.float32) if nested else _tile_buffer()
+    _tile.busy = True
+    try:
+        return _multiply_tiles(lib, d, x, m, buf)
+    finally:
+        _tile.busy = nested
+
+
 def dequantize_rows(d: "Described", start: int, stop: int) -> torch.Tensor:
     """Rows `start:stop` of a described layer's Ŵ as a new fp32 tensor (C decoders, checked lengths)."""
     if not 0 <= start < stop <= d.n:
@@ -94,12 +109,9 @@ def dequantize_rows(d: "Described", start: int, stop: int) -> torch.Tensor:
     return w
 
 
-def _run_tiled(lib, d: "Described", x: torch.Tensor, m: int) -> torch.Tensor:
-    """y = x Wᵀ + bias + (x Rᵀ) Lᵀ with W dequantized a tile of rows at a time into one reused 4 MB
-    buffer (the same products of table value and scale as the kernels, summed by the BLAS)."""
+def _multiply_tiles(lib, d: "Described", x: torch.Tensor, m: int, buf: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(m, d.k)
     yt = torch.empty((d.n, m), dtype=torch.float32)  # yᵀ: each tile's rows are contiguous
-    buf = _tile_buffer()
     rows = max(1, min(d.n, _TILE_FLOATS // d.k))
     isa, threads = library.ISA_CODES[library.selected_isa()], num_threads()
     xt = x2.t()
@@ -152,8 +164,11 @@ def describe(codes, scales, mask, lut, lowrank_l, lowrank_r, bias, out_features:
     if bits not in (2, 3, 4, 8) or sparsity not in (0, 1, 2):
         raise ValueError(f"sqlora_cpu.linear: bits must be 2/3/4/8 and sparsity 0/1/2, got {bits}, {sparsity}")
     n, k = out_features, in_features
-    if group_size <= 0 or group_size % 32 or k % group_size or (sparsity and group_size % 64):
-        raise ValueError(f"sqlora_cpu.linear: group_size {group_size} does not fit in_features {k}")
+    if group_size not in (32, 64, 128, 256) or (sparsity and group_size == 32):
+        raise ValueError(f"sqlora_cpu.linear: group_size must be 32, 64, 128 or 256 (64-256 when sparse), "
+                         f"got {group_size}")
+    if k % group_size:
+        raise ValueError(f"sqlora_cpu.linear: group_size {group_size} does not divide in_features {k}")
     n_stored = k // 2 if sparsity else k
     _check("codes", codes, torch.uint8, n * _row_bytes(n_stored, bits))
     _check("scales", scales, torch.float32, n * (k // group_size))
@@ -202,7 +217,7 @@ def run_flat(d: Described, x: torch.Tensor) -> torch.Tensor:
     lib = library.load()
     m = x.numel() // d.k
     big = gemm_min_rows()
-    if big and m >= big:
+    if big and m >= big and d.k <= _TILE_FLOATS:  # (a row wider than a tile keeps the packed kernel)
         return _run_tiled(lib, d, x, m)
     y = torch.empty((*x.shape[:-1], d.n), dtype=torch.float32)
     if m == 0:
