@@ -987,7 +987,7 @@ T_AVX512 static inline __attribute__((always_inline)) __m512 nib_scales(const fl
     if (group >= 128) return _mm512_set1_ps(srow[k / group]);
     if (group == 64) /* blocks 0-1 | 2-3 */
         return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
-                                     _mm512_maskz_loadu_ps(0x3, srow + k / 64));
+                                     _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(srow + k / 64)))));
     return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0), /* group 32 */
                                  _mm512_castps128_ps512(_mm_loadu_ps(srow + k / 32)));
 }
