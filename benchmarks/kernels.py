@@ -229,12 +229,32 @@ def bench_decode(args) -> dict:
         out[label + "_per_cpu_s"] = args.new_tokens / statistics.median(cpu_times[label])
         print(f"decode {label:<18} {out[label]:7.1f} tokens/s wall, {out[label + '_per_cpu_s']:7.1f} per CPU-second "
               f"(median of {args.decode_reps}, {args.new_tokens} new tokens)", flush=True)
+    # Prefill: one forward over a prompt of `--prefill-tokens` tokens of real text (batches of that many
+    # rows: the large-batch path of docs/kernels_cpu.md), exact configurations only, interleaved.
+    from sqlora_hf.evaluation import reference_text
+
+    prompt = tok(reference_text(20000), return_tensors="pt").input_ids[:, : args.prefill_tokens]
+    exact = [(label, model) for label, model, flag in runs if not flag]
+    pre = {label: [] for label, _ in exact}
+    with torch.no_grad():
+        for rep in range(args.decode_reps + 1):
+            for label, model in exact:
+                t0 = time.perf_counter()
+                model(prompt, use_cache=False)
+                if rep:  # the first repetition warms up
+                    pre[label].append(time.perf_counter() - t0)
+    for label, _ in exact:
+        out["prefill_" + label + "_ms"] = 1e3 * statistics.median(pre[label])
     del fp32, packed, head8, budget325
     for label, _, _ in runs[1:]:
         key = "speedup" + label[len("sqlora-cpu"):].replace("-", "_").replace(".", "_")
         out[key] = out[label] / out["fp32"]
         out[key + "_cpu_s"] = out[label + "_per_cpu_s"] / out["fp32_per_cpu_s"]
         print(f"decode speed-up {label} / fp32: x{out[key]:.2f} wall, x{out[key + '_cpu_s']:.2f} CPU time")
+    for label, _ in exact:
+        ms = out["prefill_" + label + "_ms"]
+        print(f"prefill {prompt.shape[1]} tokens {label:<18} {ms:8.1f} ms "
+              f"(x{out['prefill_fp32_ms'] / ms:.2f} the fp32 model's speed, median of {args.decode_reps})", flush=True)
     return out
 
 
@@ -308,6 +328,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--decode-threads", type=int, default=1,
                         help="threads for the decode benchmark (1: on a shared box, 2-thread barriers stall)")
+    parser.add_argument("--prefill-tokens", type=int, default=256,
+                        help="prompt length of the prefill measurement (one forward after the decode runs)")
     parser.add_argument("--decode-reps", type=int, default=3, help="interleaved decode repetitions (median)")
     parser.add_argument("--no-layers", action="store_true", help="skip the per-layer benchmark")
     parser.add_argument("--no-e2e", action="store_true", help="skip the SmolLM2 decode benchmark")

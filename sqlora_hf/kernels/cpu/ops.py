@@ -111,24 +111,31 @@ def dequantize_rows(d: "Described", start: int, stop: int) -> torch.Tensor:
 
 def _multiply_tiles(lib, d: "Described", x: torch.Tensor, m: int, buf: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(m, d.k)
-    yt = torch.empty((d.n, m), dtype=torch.float32)  # yᵀ: each tile's rows are contiguous
+    lowrank_l, lowrank_r, bias = d.tensors[4], d.tensors[5], d.tensors[6]
     rows = max(1, min(d.n, _TILE_FLOATS // d.k))
     isa, threads = library.ISA_CODES[library.selected_isa()], num_threads()
-    xt = x2.t()
-    for n0 in range(0, d.n, rows):
-        n1 = min(d.n, n0 + rows)
+
+    def tile(n0: int, n1: int) -> torch.Tensor:
         w = buf[: (n1 - n0) * d.k].view(n1 - n0, d.k)
         rc = lib.sqlora_cpu_dequantize_rows_desc(d.addr, isa, threads, n0, n1, w.data_ptr())
         if rc != 0:
             raise RuntimeError(f"sqlora_cpu.dequantize failed: {ERRORS.get(rc, rc)} (code {rc})")
-        torch.mm(w, xt, out=yt[n0:n1])
-    y = yt.t()
-    lowrank_l, lowrank_r, bias = d.tensors[4], d.tensors[5], d.tensors[6]
+        return w
+
+    if rows >= d.n:  # the whole layer in one tile (every layer of a small model): y = x Wᵀ + b directly
+        y = torch.nn.functional.linear(x2, tile(0, d.n), bias)
+    else:  # tile by tile into yᵀ, whose rows for a tile are contiguous
+        yt = torch.empty((d.n, m), dtype=torch.float32)
+        xt = x2.t()
+        for n0 in range(0, d.n, rows):
+            n1 = min(d.n, n0 + rows)
+            torch.mm(tile(n0, n1), xt, out=yt[n0:n1])
+        y = yt.t().contiguous()
+        if bias is not None:
+            y += bias
     if lowrank_l is not None:
-        y = torch.addmm(y, x2 @ lowrank_r.t(), lowrank_l.t())
-    if bias is not None:
-        y = y + bias
-    return y.contiguous().reshape(*x.shape[:-1], d.n)
+        y.addmm_(x2 @ lowrank_r.t(), lowrank_l.t())
+    return y.reshape(*x.shape[:-1], d.n)
 
 
 def _row_bytes(n_stored: int, bits: int) -> int:
