@@ -1552,26 +1552,46 @@ static inline __attribute__((always_inline)) float row_dot_neon(const uint8_t *r
     return vaddvq_f32(tot);
 }
 
+/* Batch 1, 8-bit dense, NEON (the packed output head of head_bits=8): int8 codes widened to fp32 in
+ * registers (exact) and dotted per group, one scale multiply per group. */
+static float row_dot8_neon(const uint8_t *row, const float *scales, int group, int64_t K, const float *x) {
+    float32x4_t tot = vdupq_n_f32(0);
+    for (int64_t g0 = 0; g0 < K; g0 += group) {
+        float32x4_t a0 = vdupq_n_f32(0), a1 = vdupq_n_f32(0);
+        for (int64_t k = g0; k < g0 + group; k += 16) {
+            const int8x16_t b = vld1q_s8((const int8_t *)row + k);
+            const int16x8_t lo = vmovl_s8(vget_low_s8(b)), hi = vmovl_s8(vget_high_s8(b));
+            a0 = vfmaq_f32(a0, vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), vld1q_f32(x + k));
+            a1 = vfmaq_f32(a1, vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo))), vld1q_f32(x + k + 4));
+            a0 = vfmaq_f32(a0, vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), vld1q_f32(x + k + 8));
+            a1 = vfmaq_f32(a1, vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi))), vld1q_f32(x + k + 12));
+        }
+        tot = vfmaq_n_f32(tot, vaddq_f32(a0, a1), scales[g0 / group]);
+    }
+    return vaddvq_f32(tot);
+}
+
 static int gemv_neon(int n_threads, int bits, const float *x, int64_t N, int64_t K, int group, const uint8_t *codes,
                      const float *scales, const float *lut, const float *t, const float *L, int64_t rank,
                      const float *bias, float *y) {
-    const int levels = 1 << bits, bf16 = lut_is_bf16(lut, levels);
+    const int levels = bits == 8 ? 0 : 1 << bits, bf16 = bits != 8 && lut_is_bf16(lut, levels);
     uint8_t p[4][16] = {{0}};
-    for (int e = 0; e < levels; e++) {
+    for (int e = 0; e < levels; e++) { /* (8-bit: no table) */
         uint32_t u; memcpy(&u, &lut[e], 4);
         if (bf16) { p[0][e] = (uint8_t)(u >> 16); p[1][e] = (uint8_t)(u >> 24); }
         else for (int q = 0; q < 4; q++) p[q][e] = (uint8_t)(u >> (8 * q));
     }
     uint8x16_t plane[4];
     for (int q = 0; q < 4; q++) plane[q] = vld1q_u8(p[q]);
-    const int64_t rb = K / 32 * (4 * bits), spr = K / group;
+    const int64_t rb = bits == 8 ? K : K / 32 * (4 * bits), spr = K / group;
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *r = codes + n * rb;
         const float *sr = scales + n * spr;
         float acc;
         /* literal bits / bf16 per call: each combination is its own inlined loop */
-        if (bits == 4) acc = bf16 ? row_dot_neon(r, 4, 1, plane, sr, group, K, x) : row_dot_neon(r, 4, 0, plane, sr, group, K, x);
+        if (bits == 8) acc = row_dot8_neon(r, sr, group, K, x);
+        else if (bits == 4) acc = bf16 ? row_dot_neon(r, 4, 1, plane, sr, group, K, x) : row_dot_neon(r, 4, 0, plane, sr, group, K, x);
         else if (bits == 3) acc = bf16 ? row_dot_neon(r, 3, 1, plane, sr, group, K, x) : row_dot_neon(r, 3, 0, plane, sr, group, K, x);
         else acc = bf16 ? row_dot_neon(r, 2, 1, plane, sr, group, K, x) : row_dot_neon(r, 2, 0, plane, sr, group, K, x);
         if (bias) acc += bias[n];
@@ -1838,7 +1858,7 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
         free(t);
         return rc;
     }
-    if (M == 1 && bits != 8 && !sparsity && (isa == ISA_NEON || isa == ISA_DOTPROD)) {
+    if (M == 1 && !sparsity && (isa == ISA_NEON || isa == ISA_DOTPROD)) {
         int rc = gemv_neon(n_threads, bits, x, N, K, group, codes, scales, lut, t, L, rank, bias, y);
         free(t);
         return rc;
