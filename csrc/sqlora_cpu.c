@@ -992,15 +992,26 @@ T_AVX512 static inline __attribute__((always_inline)) __m512 nib_scales(const fl
                                  _mm512_castps128_ps512(_mm_loadu_ps(srow + k / 32)));
 }
 
-/* R consecutive rows: codes at stride K/2, scales at K/group. R and group are compile-time constants in
- * every caller (`nib_rows`): with a run-time group the scale index cost an integer division per chunk. */
+/* The bias and the low-rank term of output (m, n), once its dot product is done. */
+T_AVX512 static inline __attribute__((always_inline)) float
+finish_avx512(float v, int64_t m, int64_t n, const float *bias, const float *t, const float *L, int64_t rank) {
+    if (bias) v += bias[n];
+    if (rank > 0) v += dot_avx512(t + m * rank, L + n * rank, rank);
+    return v;
+}
+
+/* R consecutive weight rows (codes at stride K/2, scales at K/group) against MB rows of permuted x
+ * (stride K): out[r * MB + m]. R x MB is 4x1 (long rows at batch 1: each x load serves 4 rows), or
+ * 1 x MB for MB = 1, 2, 4 (small batches: one weight row's lookups serve MB rows of x, and the weights are
+ * never stored decoded). R, MB and group are compile-time constants in every caller (`nib_block`): with
+ * a run-time group the scale index cost an integer division per chunk. */
 T_AVX512 static inline __attribute__((always_inline)) void
-rows_dot4_nib_avx512(const uint8_t *row, const float *scales, const __m512 table, int group, int64_t K,
-                     const float *xp, float *out, const int R) {
+nib_block_avx512(const uint8_t *row, const float *scales, const __m512 table, int group, int64_t K,
+                 const float *xp, float *out, const int R, const int MB) {
     const int64_t rs = K / 2, ss = K / group;
     __m512 tot[4];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; r++) tot[r] = _mm512_setzero_ps();
+    for (int i = 0; i < R * MB; i++) tot[i] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 128 <= K; k += 128) {
         __m512i v[4];
@@ -1010,26 +1021,33 @@ rows_dot4_nib_avx512(const uint8_t *row, const float *scales, const __m512 table
             _mm_prefetch((const char *)(row + r * rs + k / 2) + SQ_PREFETCH, _MM_HINT_T0);
             v[r] = _mm512_loadu_si512((const void *)(row + r * rs + k / 2));
         }
-        {
-            const __m512 x0 = _mm512_loadu_ps(xp + k), x1 = _mm512_loadu_ps(xp + k + 16);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) { /* j = 0, 1 start the two accumulators with a product */
+            __m512 w[4];
 #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) {
-                a0[r] = _mm512_mul_ps(_mm512_permutexvar_ps(v[r], table), x0);
-                a1[r] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v[r], 4), table), x1);
+            for (int r = 0; r < R; r++) w[r] = _mm512_permutexvar_ps(j ? _mm512_srli_epi32(v[r], 4 * j) : v[r], table);
+#pragma GCC unroll 4
+            for (int m = 0; m < MB; m++) {
+                const __m512 xv = _mm512_loadu_ps(xp + m * K + k + 16 * j);
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++) {
+                    const int i = r * MB + m;
+                    if (j == 0) a0[i] = _mm512_mul_ps(w[r], xv);
+                    else if (j == 1) a1[i] = _mm512_mul_ps(w[r], xv);
+                    else if (j & 1) a1[i] = _mm512_fmadd_ps(w[r], xv, a1[i]);
+                    else a0[i] = _mm512_fmadd_ps(w[r], xv, a0[i]);
+                }
             }
         }
-#pragma GCC unroll 3
-        for (int j = 2; j < 8; j += 2) {
-            const __m512 x0 = _mm512_loadu_ps(xp + k + 16 * j), x1 = _mm512_loadu_ps(xp + k + 16 * j + 16);
 #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) {
-                a0[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v[r], 4 * j), table), x0, a0[r]);
-                a1[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v[r], 4 * j + 4), table), x1, a1[r]);
+        for (int r = 0; r < R; r++) {
+            const __m512 sv = nib_scales(scales + r * ss, k, group);
+#pragma GCC unroll 4
+            for (int m = 0; m < MB; m++) {
+                const int i = r * MB + m;
+                tot[i] = _mm512_fmadd_ps(_mm512_add_ps(a0[i], a1[i]), sv, tot[i]);
             }
         }
-#pragma GCC unroll 4
-        for (int r = 0; r < R; r++)
-            tot[r] = _mm512_fmadd_ps(_mm512_add_ps(a0[r], a1[r]), nib_scales(scales + r * ss, k, group), tot[r]);
     }
     const __m128i m4 = _mm_set1_epi8(15);
     for (; k < K; k += 32) /* 1-3 trailing blocks of 32, x in natural order */
@@ -1038,17 +1056,24 @@ rows_dot4_nib_avx512(const uint8_t *row, const float *scales, const __m512 table
             const __m128i b = _mm_loadu_si128((const __m128i *)(row + r * rs + k / 2));
             const __m512 wl = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, m4)), table);
             const __m512 wh = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), m4)), table);
-            const __m512 p = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xp + k + 16), _mm512_mul_ps(wl, _mm512_loadu_ps(xp + k)));
-            tot[r] = _mm512_fmadd_ps(p, _mm512_set1_ps(scales[r * ss + k / group]), tot[r]);
+            const __m512 sv = _mm512_set1_ps(scales[r * ss + k / group]);
+#pragma GCC unroll 4
+            for (int m = 0; m < MB; m++) {
+                const float *xk = xp + m * K + k;
+                const __m512 p = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xk + 16), _mm512_mul_ps(wl, _mm512_loadu_ps(xk)));
+                tot[r * MB + m] = _mm512_fmadd_ps(p, sv, tot[r * MB + m]);
+            }
         }
 #pragma GCC unroll 4
-    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(tot[r]);
+    for (int i = 0; i < R * MB; i++) out[i] = _mm512_reduce_add_ps(tot[i]);
 }
 
-T_AVX512 static void nib_rows(const uint8_t *row, const float *scales, const __m512 table, int group, int64_t K,
-                              const float *xp, float *out, int R) {
-#define SQ_NIB(G) (R == 4 ? rows_dot4_nib_avx512(row, scales, table, G, K, xp, out, 4) \
-                          : rows_dot4_nib_avx512(row, scales, table, G, K, xp, out, 1))
+T_AVX512 static void nib_block(const uint8_t *row, const float *scales, const __m512 table, int group, int64_t K,
+                               const float *xp, float *out, int R, int MB) {
+#define SQ_NIB(G) (R == 4 ? nib_block_avx512(row, scales, table, G, K, xp, out, 4, 1)   \
+                   : MB == 4 ? nib_block_avx512(row, scales, table, G, K, xp, out, 1, 4) \
+                   : MB == 2 ? nib_block_avx512(row, scales, table, G, K, xp, out, 1, 2) \
+                             : nib_block_avx512(row, scales, table, G, K, xp, out, 1, 1))
     switch (group) {
     case 32: SQ_NIB(32); break;
     case 64: SQ_NIB(64); break;
@@ -1058,114 +1083,33 @@ T_AVX512 static void nib_rows(const uint8_t *row, const float *scales, const __m
 #undef SQ_NIB
 }
 
-T_AVX512 static int gemv4_avx512(int n_threads, const float *x, int64_t N, int64_t K, int group, const uint8_t *codes,
-                                 const float *scales, const float *lut, const float *t, const float *L, int64_t rank,
-                                 const float *bias, float *y) {
-    float *xp = (float *)malloc(sizeof(float) * (size_t)K);
-    if (!xp) return SQ_ENOMEM;
-    permute_x_nib(x, K, xp);
-    const __m512 table = _mm512_loadu_ps(lut);
-    /* Rows in fours only when x (4K bytes) would crowd L1: with x in L1, four interleaved row streams
-     * were slower from DRAM than one (0.80x at 4096 x 4096; 1.40x faster at K = 11008). */
-    const int64_t quads = K >= 6144 ? N / 4 : 0, units = quads + (N - 4 * quads); /* 4-row units, then single rows */
-    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
-    for (int64_t u = 0; u < units; u++) {
-        const int64_t n0 = u < quads ? 4 * u : 4 * quads + (u - quads);
-        const int nr = u < quads ? 4 : 1;
-        float acc[4];
-        nib_rows(codes + n0 * (K / 2), scales + n0 * (K / group), table, group, K, xp, acc, nr);
-        for (int r = 0; r < nr; r++) {
-            const int64_t n = n0 + r;
-            float v = acc[r];
-            if (bias) v += bias[n];
-            if (rank > 0) v += dot_avx512(t, L + n * rank, rank);
-            y[n] = v;
-        }
-    }
-    free(xp);
-    return SQ_OK;
-}
-
-/* Small batches (2-6 rows of x, SQ_SMALL_M), 4-bit dense, AVX-512: the nibble-lane lookup of one weight row feeds
- * MB rows of x (1, 2 or 4; a compile-time constant like group), so the weights are never stored
- * decoded. Each x row is permuted once per call (`permute_x_nib`). */
-T_AVX512 static inline __attribute__((always_inline)) void
-row_dot4_nib_m_avx512(const uint8_t *row, const float *srow, const __m512 table, int group, int64_t K,
-                      const float *xp, float *out, const int MB) {
-    __m512 tot[4];
-#pragma GCC unroll 4
-    for (int m = 0; m < MB; m++) tot[m] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 128 <= K; k += 128) {
-        _mm_prefetch((const char *)(row + k / 2) + SQ_PREFETCH, _MM_HINT_T0);
-        const __m512i v = _mm512_loadu_si512((const void *)(row + k / 2));
-        __m512 a0[4], a1[4];
-#pragma GCC unroll 4
-        for (int m = 0; m < MB; m++) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; j++) {
-            const __m512 w = _mm512_permutexvar_ps(j ? _mm512_srli_epi32(v, 4 * j) : v, table);
-#pragma GCC unroll 4
-            for (int m = 0; m < MB; m++) {
-                const __m512 xv = _mm512_loadu_ps(xp + m * K + k + 16 * j);
-                if (j & 1) a1[m] = _mm512_fmadd_ps(w, xv, a1[m]); else a0[m] = _mm512_fmadd_ps(w, xv, a0[m]);
-            }
-        }
-        const __m512 sv = nib_scales(srow, k, group);
-#pragma GCC unroll 4
-        for (int m = 0; m < MB; m++) tot[m] = _mm512_fmadd_ps(_mm512_add_ps(a0[m], a1[m]), sv, tot[m]);
-    }
-    const __m128i m4 = _mm_set1_epi8(15);
-    for (; k < K; k += 32) { /* 1-3 trailing blocks of 32, x in natural order */
-        const __m128i b = _mm_loadu_si128((const __m128i *)(row + k / 2));
-        const __m512 wl = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, m4)), table);
-        const __m512 wh = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), m4)), table);
-        const __m512 sv = _mm512_set1_ps(srow[k / group]);
-#pragma GCC unroll 4
-        for (int m = 0; m < MB; m++) {
-            const __m512 p = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xp + m * K + k + 16), _mm512_mul_ps(wl, _mm512_loadu_ps(xp + m * K + k)));
-            tot[m] = _mm512_fmadd_ps(p, sv, tot[m]);
-        }
-    }
-#pragma GCC unroll 4
-    for (int m = 0; m < MB; m++) out[m] = _mm512_reduce_add_ps(tot[m]);
-}
-
-T_AVX512 static void nib_m(const uint8_t *row, const float *srow, const __m512 table, int group, int64_t K,
-                           const float *xp, float *out, int MB) {
-#define SQ_NIBM(G) (MB == 4 ? row_dot4_nib_m_avx512(row, srow, table, G, K, xp, out, 4) \
-                   : MB == 2 ? row_dot4_nib_m_avx512(row, srow, table, G, K, xp, out, 2) \
-                             : row_dot4_nib_m_avx512(row, srow, table, G, K, xp, out, 1))
-    switch (group) {
-    case 32: SQ_NIBM(32); break;
-    case 64: SQ_NIBM(64); break;
-    case 128: SQ_NIBM(128); break;
-    default: SQ_NIBM(256); break;
-    }
-#undef SQ_NIBM
-}
-
-T_AVX512 static int gemm4_small_avx512(int n_threads, const float *x, int64_t M, int64_t N, int64_t K, int group,
-                                       const uint8_t *codes, const float *scales, const float *lut, const float *t,
-                                       const float *L, int64_t rank, const float *bias, float *y) {
+/* Batches 1..SQ_SMALL_M, 4-bit dense. Each row of x is permuted once per call. At batch 1, long rows
+ * (K >= 6144) go in fours: with x (4K bytes) in L1, four interleaved row streams were slower from DRAM
+ * than one (0.80x at 4096 x 4096), at K = 11008 1.40x faster. Otherwise each weight row meets the batch
+ * in blocks of 4, 2 and 1 rows of x. */
+T_AVX512 static int gemm4_avx512(int n_threads, const float *x, int64_t M, int64_t N, int64_t K, int group,
+                                 const uint8_t *codes, const float *scales, const float *lut, const float *t,
+                                 const float *L, int64_t rank, const float *bias, float *y) {
     float *xp = (float *)malloc(sizeof(float) * (size_t)(M * K));
     if (!xp) return SQ_ENOMEM;
     for (int64_t m = 0; m < M; m++) permute_x_nib(x + m * K, K, xp + m * K);
     const __m512 table = _mm512_loadu_ps(lut);
+    const int64_t quads = M == 1 && K >= 6144 ? N / 4 : 0, units = quads + (N - 4 * quads);
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = codes + n * (K / 2);
-        const float *srow = scales + n * (K / group);
+    for (int64_t u = 0; u < units; u++) {
+        const int64_t n0 = u < quads ? 4 * u : 4 * quads + (u - quads);
+        const uint8_t *row = codes + n0 * (K / 2);
+        const float *srow = scales + n0 * (K / group);
+        float acc[4];
+        if (u < quads) {
+            nib_block(row, srow, table, group, K, xp, acc, 4, 1);
+            for (int r = 0; r < 4; r++) y[n0 + r] = finish_avx512(acc[r], 0, n0 + r, bias, t, L, rank);
+            continue;
+        }
         for (int64_t m0 = 0; m0 < M;) {
             const int mb = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;
-            float acc[4];
-            nib_m(row, srow, table, group, K, xp + m0 * K, acc, mb);
-            for (int j = 0; j < mb; j++) {
-                float v = acc[j];
-                if (bias) v += bias[n];
-                if (rank > 0) v += dot_avx512(t + (m0 + j) * rank, L + n * rank, rank);
-                y[(m0 + j) * N + n] = v;
-            }
+            nib_block(row, srow, table, group, K, xp + m0 * K, acc, 1, mb);
+            for (int j = 0; j < mb; j++) y[(m0 + j) * N + n0] = finish_avx512(acc[j], m0 + j, n0, bias, t, L, rank);
             m0 += mb;
         }
     }
@@ -1253,13 +1197,7 @@ T_AVX512 static int gemv8_avx512(int n_threads, const float *x, int64_t N, int64
         const int nr = u < quads ? 4 : 1;
         float acc[4];
         rows8(codes + n0 * K, scales + n0 * (K / group), group, K, xp, acc, nr);
-        for (int r = 0; r < nr; r++) {
-            const int64_t n = n0 + r;
-            float v = acc[r];
-            if (bias) v += bias[n];
-            if (rank > 0) v += dot_avx512(t, L + n * rank, rank);
-            y[n] = v;
-        }
+        for (int r = 0; r < nr; r++) y[n0 + r] = finish_avx512(acc[r], 0, n0 + r, bias, t, L, rank);
     }
     free(xp);
     return SQ_OK;
@@ -1378,12 +1316,7 @@ T_AVX512 static int gemm23_avx512(int n_threads, int bits, const float *x, int64
             if (bits == 2) { if (mb == 4) SQ_R23(2, 4); else if (mb == 2) SQ_R23(2, 2); else SQ_R23(2, 1); }
             else { if (mb == 4) SQ_R23(3, 4); else if (mb == 2) SQ_R23(3, 2); else SQ_R23(3, 1); }
 #undef SQ_R23
-            for (int j = 0; j < mb; j++) {
-                float v = acc[j];
-                if (bias) v += bias[n];
-                if (rank > 0) v += dot_avx512(t + (m0 + j) * rank, L + n * rank, rank);
-                y[(m0 + j) * N + n] = v;
-            }
+            for (int j = 0; j < mb; j++) y[(m0 + j) * N + n] = finish_avx512(acc[j], m0 + j, n, bias, t, L, rank);
             m0 += mb;
         }
     }
@@ -1909,13 +1842,8 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
         free(t);
         return SQ_OK;
     }
-    if (M >= 2 && M <= SQ_SMALL_M && bits == 4 && !sparsity && isa == ISA_AVX512) {
-        int rc = gemm4_small_avx512(n_threads, x, M, N, K, group, codes, scales, lut, t, L, rank, bias, y);
-        free(t);
-        return rc;
-    }
-    if (M == 1 && bits == 4 && !sparsity && isa == ISA_AVX512) {
-        int rc = gemv4_avx512(n_threads, x, N, K, group, codes, scales, lut, t, L, rank, bias, y);
+    if (M <= SQ_SMALL_M && bits == 4 && !sparsity && isa == ISA_AVX512) {
+        int rc = gemm4_avx512(n_threads, x, M, N, K, group, codes, scales, lut, t, L, rank, bias, y);
         free(t);
         return rc;
     }
