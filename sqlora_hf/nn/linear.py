@@ -237,7 +237,7 @@ class _PackedLinearGrad(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             packed = module.packed()
             fast = getattr(ctx.backend, "dequantize_rows", None)
-            rows = None if fast is None or not grad_y.device.type == "cpu" else (lambda a, b: fast(module, a, b))
+            rows = None if fast is None or grad_y.device.type != "cpu" else (lambda a, b: fast(module, a, b))
             grad_x = _grad_through_quantized(packed, grad_y, rows)
             if packed.rank > 0:
                 grad_x = grad_x + (grad_y @ packed.lowrank_l.to(grad_y.dtype)) @ packed.lowrank_r.to(grad_y.dtype)

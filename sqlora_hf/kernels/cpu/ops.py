@@ -100,8 +100,11 @@ def dequantize_rows(d: "Described", start: int, stop: int) -> torch.Tensor:
     """Rows `start:stop` of a described layer's Ŵ as a new fp32 tensor (C decoders, checked lengths)."""
     if not 0 <= start < stop <= d.n:
         raise ValueError(f"sqlora_cpu.dequantize_rows: rows {start}:{stop} outside 0:{d.n}")
-    lib = library.load()
-    w = torch.empty((stop - start, d.k), dtype=torch.float32)
+    return _dequantize_into(library.load(), d, start, stop, torch.empty((stop - start, d.k), dtype=torch.float32))
+
+
+def _dequantize_into(lib, d: "Described", start: int, stop: int, w: torch.Tensor) -> torch.Tensor:
+    """Rows `start:stop` of Ŵ written into the contiguous fp32 `w [stop - start, K]`, which is returned."""
     rc = lib.sqlora_cpu_dequantize_rows_desc(d.addr, library.ISA_CODES[library.selected_isa()], num_threads(),
                                              start, stop, w.data_ptr())
     if rc != 0:
@@ -113,14 +116,9 @@ def _multiply_tiles(lib, d: "Described", x: torch.Tensor, m: int, buf: torch.Ten
     x2 = x.reshape(m, d.k)
     lowrank_l, lowrank_r, bias = d.tensors[4], d.tensors[5], d.tensors[6]
     rows = max(1, min(d.n, _TILE_FLOATS // d.k))
-    isa, threads = library.ISA_CODES[library.selected_isa()], num_threads()
 
     def tile(n0: int, n1: int) -> torch.Tensor:
-        w = buf[: (n1 - n0) * d.k].view(n1 - n0, d.k)
-        rc = lib.sqlora_cpu_dequantize_rows_desc(d.addr, isa, threads, n0, n1, w.data_ptr())
-        if rc != 0:
-            raise RuntimeError(f"sqlora_cpu.dequantize failed: {ERRORS.get(rc, rc)} (code {rc})")
-        return w
+        return _dequantize_into(lib, d, n0, n1, buf[: (n1 - n0) * d.k].view(n1 - n0, d.k))
 
     if rows >= d.n:  # the whole layer in one tile (every layer of a small model): y = x Wᵀ + b directly
         y = torch.nn.functional.linear(x2, tile(0, d.n), bias)
@@ -223,9 +221,10 @@ def run_flat(d: Described, x: torch.Tensor) -> torch.Tensor:
     """`run` for a contiguous fp32 CPU `x [..., K]` (checked by the caller) → `[..., N]`, no reshapes."""
     lib = library.load()
     m = x.numel() // d.k
-    big = gemm_min_rows()
-    if big and m >= big and d.k <= _TILE_FLOATS:  # (a row wider than a tile keeps the packed kernel)
-        return _run_tiled(lib, d, x, m)
+    if m > 1 and d.k <= _TILE_FLOATS:  # (decode, m = 1, skips the variable; a row wider than a tile keeps the kernel)
+        big = gemm_min_rows()
+        if big and m >= big:
+            return _run_tiled(lib, d, x, m)
     y = torch.empty((*x.shape[:-1], d.n), dtype=torch.float32)
     if m == 0:
         return y
