@@ -36,8 +36,10 @@
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_NEON = 3, ISA_DOTPROD = 4 };
 enum { SQ_OK = 0, SQ_EBADARG = -1, SQ_EBADLEN = -2, SQ_EISA = -3, SQ_ENOMEM = -4 };
-/* flags of sqlora_cpu_linear_desc: the opt-in, inexact integer-activation paths (12-bit and 8-bit x) */
-enum { SQ_FLAG_INT_ACT = 1, SQ_FLAG_INT8_ACT = 2 };
+/* flags of sqlora_cpu_linear_desc: the opt-in, inexact integer-activation paths (12-bit and 8-bit x), and
+ * SQ_FLAG_BF16_X: every x value is a bfloat16 (the caller's tensor was bf16), so the exact vdpbf16ps
+ * kernel may take batches of 4-bit layers with a bf16 table */
+enum { SQ_FLAG_INT_ACT = 1, SQ_FLAG_INT8_ACT = 2, SQ_FLAG_BF16_X = 4 };
 
 /* ---------------------------------------------------------------------------------------------- */
 /* ISA detection                                                                                  */
@@ -59,6 +61,15 @@ int sqlora_cpu_isa_supported(int isa) {
     }
 }
 
+/* 1 if this CPU has the bf16 dot product (AVX-512 BF16) that SQ_FLAG_BF16_X can use, else 0. */
+int sqlora_cpu_bf16_supported(void) {
+#ifdef SQ_X86
+    return sqlora_cpu_isa_supported(ISA_AVX512) && __builtin_cpu_supports("avx512bf16");
+#else
+    return 0;
+#endif
+}
+
 int sqlora_cpu_best_isa(void) {
     static const int order[] = {ISA_AVX512, ISA_AVX2, ISA_DOTPROD, ISA_NEON, ISA_SCALAR};
     for (int i = 0; i < 5; i++)
@@ -66,7 +77,7 @@ int sqlora_cpu_best_isa(void) {
     return ISA_SCALAR;
 }
 
-int sqlora_cpu_abi_version(void) { return 5; }
+int sqlora_cpu_abi_version(void) { return 6; }
 
 /* ---------------------------------------------------------------------------------------------- */
 /* Scalar pieces (also the reference for the SIMD ones)                                           */
@@ -244,6 +255,13 @@ T_AVX512 static void decode_row_avx512(const uint8_t *row, int bits, const float
  * path waiting on memory (4096x4096 g64 on the dev VM: 944 -> 785 us with this, min of 9; the exact
  * path is compute-bound and gains ~4 %). Prefetches past the end of a buffer are harmless hints. */
 #define SQ_PREFETCH 2048
+#ifndef SQ_BF16_MB
+#define SQ_BF16_MB 8 /* rows of x per pass of the bf16 kernel (at most 8) */
+#endif
+#ifndef SQ_BF16_MIN_M
+#define SQ_BF16_MIN_M 3 /* bf16 activations: batches from 3 take the vdpbf16ps kernel (at 2 the fp32 one
+                          * was as fast or faster: 1.04 vs 1.35 ms at 4096 x 4096, 1 thread) */
+#endif
 #ifndef SQ_SMALL_M
 #define SQ_SMALL_M 6 /* AVX-512 2/3/4-bit: batches up to 6 take the fused small-batch kernels (measured for 4-bit:
                         * at 7 it ties, at 8 it loses; 3-bit gains 1.1-3x at 2-6) */
@@ -1117,6 +1135,194 @@ T_AVX512 static int gemm4_avx512(int n_threads, const float *x, int64_t M, int64
     return SQ_OK;
 }
 
+/* Batches of bfloat16 activations, 4-bit dense, AVX-512 BF16 (Zen 4, Sapphire Rapids): `vdpbf16ps` does
+ * 32 multiply-adds per instruction, twice as many as an fp32 FMA, which is what torch's own bf16
+ * F.linear uses; the exact fp32 kernels cannot beat it at batch 16 (docs/kernels_cpu.md). Taken when
+ * every x value is a bfloat16 (a bf16 model: flag SQ_FLAG_BF16_X) and the table is bfloat16-exact
+ * (format 2's codebook), so every product is exact and only the fp32 summation order differs from the
+ * float32 reference (the reference backend itself rounds the weights to bf16 for bf16 inputs).
+ *
+ * Layout: lanes are 16 weight rows (a panel), not columns, so no horizontal sums are needed and a
+ * group's scale is one vector (one FMA per group and batch row). The panel's codes are loaded 64
+ * columns at a time and transposed (`transpose16x8`), so that vector d holds dword d (8 nibbles) of
+ * every row. Pair q (0..3) of a dword is its nibbles q and q + 4, the low bits of its two words after
+ * one `vpsrlw` by 4q; one `vpermw` looks both up in the bf16 table (duplicated to 32 entries: vpermw
+ * reads 5 index bits), giving 16 rows x 2 weights, which one `vdpbf16ps` per batch row multiplies with
+ * that row's broadcast x pair, permuted to match once per call (`pairs_x_bf16`). On Zen 4 the shifts,
+ * lookups and transposes run beside the vdpbf16ps (a `vpmultishiftqb` in their place did not: it shares
+ * the dot product's pipe and cost 30 % at batch 8). */
+#define SQ_BF16_ACCS(MB) ((MB) <= 2 ? 4 : (MB) <= 4 ? 2 : 1)
+#define T_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
+
+static int cpu_has_bf16(void) { return __builtin_cpu_supports("avx512bf16"); }
+
+static inline uint16_t bf16_round(float f) { /* round to nearest even (the values here are finite) */
+    uint32_t u; memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* xp[4d + q]: the x pair of dword d's nibbles q and q + 4 (bf16, low word first). Nibble i of dword d
+ * is weight base + i/2 + 16(i&1), base = 32(d/4) + 4(d%4) (the format's block layout). */
+static void pairs_x_bf16(const float *x, int64_t K, uint32_t *xp) {
+    for (int64_t d = 0; d < K / 8; d++) {
+        const int64_t base = 32 * (d / 4) + 4 * (d % 4);
+        for (int q = 0; q < 4; q++) {
+            const int64_t k = base + (q >> 1) + 16 * (q & 1);
+            xp[4 * d + q] = (uint32_t)bf16_round(x[k]) | (uint32_t)bf16_round(x[k + 2]) << 16;
+        }
+    }
+}
+
+/* Lane l of a panel holds row SQ_PI(l): rows 0-3, 8-11, 4-7, 12-15, the order the transpose below
+ * leaves them in (it saves one shuffle per vector). */
+#define SQ_PI(l) ((l) ^ ((((l) >> 2) ^ ((l) >> 3)) & 1) * 12)
+
+/* Dwords d0 .. d0+7 of 16 rows (row r at codes + r*rb) as 8 vectors, vector j lane l = dword d0+j of
+ * row SQ_PI(l): a 16 x 8 transpose in 32 shuffles (two rows per register, then 4 x 4 within 128-bit
+ * lanes, then one lane shuffle). */
+T_BF16 static inline __attribute__((always_inline)) void
+transpose16x8(const uint8_t *codes, int64_t rb, int64_t d0, __m512i V[8]) {
+    __m512i a[8], t[8];
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(codes + i * rb + 4 * d0))),
+                                  _mm256_loadu_si256((const __m256i *)(codes + (i + 8) * rb + 4 * d0)), 1);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(a[i], a[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(a[i], a[i + 1]);
+    }
+    /* u[e] (e = element 0-3 of a 128-bit lane) for rows 0-3 and, below, rows 4-7 */
+    const __m512i u0 = _mm512_unpacklo_epi64(t[0], t[2]), u1 = _mm512_unpackhi_epi64(t[0], t[2]);
+    const __m512i u2 = _mm512_unpacklo_epi64(t[1], t[3]), u3 = _mm512_unpackhi_epi64(t[1], t[3]);
+    const __m512i u4 = _mm512_unpacklo_epi64(t[4], t[6]), u5 = _mm512_unpackhi_epi64(t[4], t[6]);
+    const __m512i u6 = _mm512_unpacklo_epi64(t[5], t[7]), u7 = _mm512_unpackhi_epi64(t[5], t[7]);
+    /* lanes of u: [d e | d e+4 | d e (rows +8) | d e+4 (rows +8)]; pick lanes 0, 2 (dword e) or 1, 3 (e+4) */
+    V[0] = _mm512_shuffle_i32x4(u0, u4, 0x88); V[4] = _mm512_shuffle_i32x4(u0, u4, 0xDD);
+    V[1] = _mm512_shuffle_i32x4(u1, u5, 0x88); V[5] = _mm512_shuffle_i32x4(u1, u5, 0xDD);
+    V[2] = _mm512_shuffle_i32x4(u2, u6, 0x88); V[6] = _mm512_shuffle_i32x4(u2, u6, 0xDD);
+    V[3] = _mm512_shuffle_i32x4(u3, u7, 0x88); V[7] = _mm512_shuffle_i32x4(u3, u7, 0xDD);
+}
+
+/* The 8 weights of dword d of every row (v: one dword per lane) against MB rows of paired x. A = 8 / MB
+ * accumulators per row of x (pair q goes to acc[m * A + q % A]): a vdpbf16ps waits for the one before it
+ * on the same accumulator (latency ~6 cycles), so fewer than ~8 chains leave the unit idle. */
+T_BF16 static inline __attribute__((always_inline)) void
+bf16_dword(const __m512i v, int64_t d, const __m512i table, int64_t K, const uint32_t *xp,
+           __m512 acc[16], const int MB) {
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) {
+        const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(q ? _mm512_srli_epi16(v, 4 * q) : v, table);
+        const int A = SQ_BF16_ACCS(MB);
+#pragma GCC unroll 16
+        for (int m = 0; m < MB; m++)
+            acc[m * A + q % A] = _mm512_dpbf16_ps(acc[m * A + q % A], w,
+                                                  (__m512bh)_mm512_set1_epi32((int)xp[m * (K / 2) + 4 * d + q]));
+    }
+}
+
+/* A group ends: o += acc * (its scales, one per lane), acc = 0. */
+T_BF16 static inline __attribute__((always_inline)) void
+bf16_flush(const float *scales, int64_t g, __mmask16 lanes, const __m512i sidx, __m512 acc[16], float *o, const int MB) {
+    const __m512 sv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, sidx, scales + g, 4);
+    const int A = SQ_BF16_ACCS(MB);
+#pragma GCC unroll 16
+    for (int m = 0; m < MB; m++) {
+        __m512 a = acc[m * A];
+#pragma GCC unroll 4
+        for (int i = 1; i < A; i++) a = _mm512_add_ps(a, acc[m * A + i]);
+        _mm512_storeu_ps(o + 16 * m, _mm512_fmadd_ps(a, sv, _mm512_loadu_ps(o + 16 * m)));
+#pragma GCC unroll 4
+        for (int i = 0; i < A; i++) acc[m * A + i] = _mm512_setzero_ps();
+    }
+}
+
+/* One panel (16 rows; lanes outside `lanes` are rows past the layer's end) against MB <= 8 rows of paired
+ * x (stride K/2 dwords): o[m * 16 + l] receives the dot products of row SQ_PI(l), scales applied. Full
+ * panels load 64 k at a time and transpose (G32: groups of 32, two per 64 k); the last panel, and the
+ * trailing 32 k of a K that is an odd multiple of 32, gather one dword per row. MB and G32 are
+ * compile-time constants: with 8 accumulators, 8 code vectors and the constants, every register is
+ * used, and a run-time group test in the unrolled loop made GCC keep the accumulators on the stack. */
+T_BF16 static inline __attribute__((always_inline)) void
+bf16_panel(const uint8_t *codes, const float *scales, __mmask16 lanes, const __m512i table, int group, int64_t K,
+           const uint32_t *xp, float *o, const int MB, const int G32) {
+    const int64_t rb = K / 2, spr = K / group, nd = K / 8, gd = group / 8;
+    const __m512i pi = _mm512_setr_epi32(SQ_PI(0), SQ_PI(1), SQ_PI(2), SQ_PI(3), SQ_PI(4), SQ_PI(5), SQ_PI(6),
+                                         SQ_PI(7), SQ_PI(8), SQ_PI(9), SQ_PI(10), SQ_PI(11), SQ_PI(12), SQ_PI(13),
+                                         SQ_PI(14), SQ_PI(15));
+    const __m512i cidx = _mm512_mullo_epi32(pi, _mm512_set1_epi32((int)rb));
+    const __m512i sidx = _mm512_mullo_epi32(pi, _mm512_set1_epi32((int)spr));
+    __m512 acc[16];
+    for (int m = 0; m < MB; m++) _mm512_storeu_ps(o + 16 * m, _mm512_setzero_ps());
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    int64_t d0 = 0, g = 0;
+    if (lanes == 0xFFFF) {
+        const int64_t chunks_per_group = G32 ? 1 : group / 64;
+        int64_t left = chunks_per_group;
+        for (; d0 + 8 <= nd; d0 += 8) {
+            __m512i V[8];
+            transpose16x8(codes, rb, d0, V);
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) {
+                bf16_dword(V[j], d0 + j, table, K, xp, acc, MB);
+                if (G32 && j == 3) bf16_flush(scales, g++, lanes, sidx, acc, o, MB);
+            }
+            if (--left == 0) {
+                left = chunks_per_group;
+                bf16_flush(scales, g++, lanes, sidx, acc, o, MB);
+            }
+        }
+    }
+    for (int64_t left = gd; d0 < nd; d0++) {
+        bf16_dword(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, cidx, codes + 4 * d0, 1), d0, table,
+                   K, xp, acc, MB);
+        if (--left == 0) {
+            left = gd;
+            bf16_flush(scales, g++, lanes, sidx, acc, o, MB);
+        }
+    }
+}
+
+T_BF16 static void bf16_panel_mb(const uint8_t *codes, const float *scales, __mmask16 lanes, const __m512i table,
+                                 int group, int64_t K, const uint32_t *xp, float *o, int MB) {
+    switch (MB * 2 + (group == 32)) {
+#define SQ_MB(n) case 2 * n: bf16_panel(codes, scales, lanes, table, group, K, xp, o, n, 0); break; \
+                 case 2 * n + 1: bf16_panel(codes, scales, lanes, table, 32, K, xp, o, n, 1); break;
+    SQ_MB(1) SQ_MB(2) SQ_MB(3) SQ_MB(4) SQ_MB(5) SQ_MB(6) SQ_MB(7) SQ_MB(8)
+#if SQ_BF16_MB > 8
+    SQ_MB(9) SQ_MB(10) SQ_MB(11) SQ_MB(12) SQ_MB(13) SQ_MB(14) SQ_MB(15) SQ_MB(16)
+#endif
+#undef SQ_MB
+    }
+}
+
+T_BF16 static int gemm4_bf16_avx512(int n_threads, const float *x, int64_t M, int64_t N, int64_t K, int group,
+                                    const uint8_t *codes, const float *scales, const float *lut, const float *t,
+                                    const float *L, int64_t rank, const float *bias, float *y) {
+    uint32_t *xp = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)(M * (K / 2)));
+    if (!xp) return SQ_ENOMEM;
+    for (int64_t m = 0; m < M; m++) pairs_x_bf16(x + m * K, K, xp + m * (K / 2));
+    uint16_t tw[32];
+    for (int i = 0; i < 32; i++) tw[i] = (uint16_t)(bf16_round(lut[i & 15])); /* exact: lut_is_bf16 */
+    const __m512i table = _mm512_loadu_si512((const void *)tw);
+    const int64_t panels = (N + 15) / 16, spr = K / group;
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int64_t p = 0; p < panels; p++) {
+        const int64_t n0 = 16 * p, nr = N - n0 < 16 ? N - n0 : 16;
+        __mmask16 lanes = 0; /* lane l holds row SQ_PI(l) */
+        for (int l = 0; l < 16; l++) lanes |= (__mmask16)((SQ_PI(l) < nr) << l);
+        float o[16 * SQ_BF16_MB];
+        for (int64_t m0 = 0; m0 < M; m0 += SQ_BF16_MB) {
+            const int mb = M - m0 < SQ_BF16_MB ? (int)(M - m0) : SQ_BF16_MB;
+            bf16_panel_mb(codes + n0 * (K / 2), scales + n0 * spr, lanes, table, group, K, xp + m0 * (K / 2), o, mb);
+            for (int j = 0; j < mb; j++)
+                for (int l = 0; l < 16; l++)
+                    if (SQ_PI(l) < nr)
+                        y[(m0 + j) * N + n0 + SQ_PI(l)] = finish_avx512(o[16 * j + l], m0 + j, n0 + SQ_PI(l), bias, t, L, rank);
+        }
+    }
+    free(xp);
+    return SQ_OK;
+}
+
 T_AVX512 static inline __attribute__((always_inline)) __m512 _mm512_insertf32x8_avx512f(float s0, float s1) {
     return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(s0)), _mm256_castps_pd(_mm256_set1_ps(s1)), 1));
 }
@@ -1841,6 +2047,12 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
         }
         free(t);
         return SQ_OK;
+    }
+    if ((flags & SQ_FLAG_BF16_X) && M >= SQ_BF16_MIN_M && bits == 4 && !sparsity && isa == ISA_AVX512 &&
+        cpu_has_bf16() && lut_is_bf16(lut, 16)) {
+        int rc = gemm4_bf16_avx512(n_threads, x, M, N, K, group, codes, scales, lut, t, L, rank, bias, y);
+        free(t);
+        return rc;
     }
     if (M <= SQ_SMALL_M && bits == 4 && !sparsity && isa == ISA_AVX512) {
         int rc = gemm4_avx512(n_threads, x, M, N, K, group, codes, scales, lut, t, L, rank, bias, y);

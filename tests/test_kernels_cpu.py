@@ -146,6 +146,31 @@ def test_leading_dims_and_half_inputs(isa):
     torch.testing.assert_close(yb.float(), run(module, xb.float(), "reference"), rtol=2e-2, atol=2e-2)
 
 
+BF16_KERNEL = "avx512" in ISAS and bool(library.load().sqlora_cpu_bf16_supported())
+
+
+@pytest.mark.skipif(not BF16_KERNEL, reason="the bf16 kernel needs an AVX-512 BF16 CPU")
+@pytest.mark.parametrize("group,k", [(64, 192), (32, 96), (32, 1056), (128, 384), (256, 512)])
+@pytest.mark.parametrize("m", [3, 8, 17, 40])
+def test_bf16_inputs_take_the_exact_bf16_kernel(monkeypatch, group, k, m):
+    from sqlora_hf.kernels.cpu import ops, prepared
+
+    monkeypatch.setenv("SQLORA_CPU_ISA", "avx512")
+    # N = 53: three full panels of 16 rows and a partial one; K = 96 and 1056: a trailing 32 columns
+    module = make_layer(53, k, 4, group, None, rank=3, bias=True)
+    run(module, torch.randn(1, k), "cpu")  # prepares the kernel cache
+    d = prepared(module)["described"]
+    assert d.bf16_table and ops.bf16_kernel_available()
+    x = torch.randn(m, k).to(torch.bfloat16).float()  # bf16 values: the bf16 kernel's products are exact
+    ref = run(module, x.double(), "reference").float()  # float64 oracle on the same values
+    y = ops.run(d, x, bf16_x=True)
+    assert_close_rel(y, ref, tol=1e-5)
+    # through the module: a bf16 tensor in, bf16 out, within bf16 rounding of the oracle
+    yb = run(module, x.to(torch.bfloat16), "cpu")
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
 def test_threads_agree(monkeypatch):
     module = make_layer(129, 256, 4, 64, None, rank=3, bias=True)
     x = torch.randn(3, 256)

@@ -69,6 +69,35 @@ static int check_case(int isa, int bits, int group, int sparsity, int64_t M, int
     return ok;
 }
 
+/* The bf16-activation kernel (SQ_FLAG_BF16_X, AVX-512 BF16 CPUs): x and the table hold bfloat16 values,
+ * so every product is exact and the result must equal the scalar fp32 path up to summation order. */
+static int check_bf16_case(int group, int64_t M, int64_t N, int64_t K, int64_t rank, int threads) {
+    uint8_t *codes = malloc(N * K / 2);
+    float *scales = malloc(sizeof(float) * N * (K / group)), lut[16], *x = malloc(sizeof(float) * M * K);
+    float *L = malloc(sizeof(float) * (N * rank + 1)), *R = malloc(sizeof(float) * (rank * K + 1));
+    float *bias = malloc(sizeof(float) * N), *y0 = malloc(sizeof(float) * M * N), *y1 = malloc(sizeof(float) * M * N);
+    for (int64_t i = 0; i < N * K / 2; i++) codes[i] = (uint8_t)next_u32();
+    for (int64_t i = 0; i < N * (K / group); i++) scales[i] = 0.01f + 0.1f * fabsf(next_f());
+    for (int i = 0; i < 16; i++) lut[i] = to_bf16(next_f());
+    for (int64_t i = 0; i < M * K; i++) x[i] = to_bf16(next_f());
+    for (int64_t i = 0; i < N * rank; i++) L[i] = next_f();
+    for (int64_t i = 0; i < rank * K; i++) R[i] = 0.1f * next_f();
+    for (int64_t i = 0; i < N; i++) bias[i] = next_f();
+    int rc0 = sqlora_cpu_linear(ISA_SCALAR, 1, x, M, N, K, 4, group, 0, codes, N * K / 2, scales, N * (K / group), NULL,
+                                0, lut, 16, L, R, rank, N * rank, rank * K, bias, N, y0);
+    int rc1 = linear_impl(ISA_AVX512, SQ_FLAG_BF16_X, threads, x, M, N, K, 4, group, 0, codes, N * K / 2, scales,
+                          N * (K / group), NULL, 0, lut, 16, L, R, rank, N * rank, rank * K, bias, N, y1);
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < M * N; i++) { num += (y1[i] - y0[i]) * (double)(y1[i] - y0[i]); den += (double)y0[i] * y0[i]; }
+    double rel = sqrt(num / (den + 1e-30));
+    int ok = rc0 == 0 && rc1 == 0 && rel < 1e-5;
+    if (!ok)
+        printf("FAIL bf16 kernel g=%d M=%lld N=%lld K=%lld rank=%lld rc=%d/%d rel=%.3g\n", group, (long long)M,
+               (long long)N, (long long)K, (long long)rank, rc0, rc1, rel);
+    free(codes); free(scales); free(x); free(L); free(R); free(bias); free(y0); free(y1);
+    return ok;
+}
+
 /* The opt-in integer-activation paths (4-bit dense, batch 1), close to the exact scalar path but not
  * equal to it: the 12-bit one (SQ_FLAG_INT_ACT, x86) within 2e-3, the 8-bit one (SQ_FLAG_INT8_ACT, AVX2
  * or dotprod) within 2e-2, and the 8-bit one also against the same arithmetic in plain C (int8 x per
@@ -269,6 +298,18 @@ int main(void) {
                                                 igroups[gi] == 256 ? 768 : igroups[gi] == 128 ? 384 : 448, 1);
                 failures += !check_int_act_case(isa, SQ_FLAG_INT8_ACT, igroups[gi], 301, 2048, 2);
             }
+        }
+        if (isa == ISA_AVX512 && sqlora_cpu_bf16_supported()) { /* N: full panels of 16 and a partial one */
+            static const int bgroups[] = {32, 64, 128, 256};
+            for (int gi = 0; gi < 4; gi++)
+                for (int64_t m = 3; m <= 19; m += 8) { /* 3, 11 (a pass of 8 and one of 3), 19 */
+                    const int g = bgroups[gi];
+                    checks++; /* K = 3g: with g = 32 an odd multiple of 32 (the gathered tail) */
+                    failures += !check_bf16_case(g, m, 53, 3 * g, m == 11 ? 0 : 4, m == 19 ? 2 : 1);
+                }
+            checks++;
+            failures += !check_bf16_case(64, 8, 64, 4096, 0, 2);
+            printf("bf16 kernel: checked\n");
         }
         printf("isa %d: checked\n", isa);
     }

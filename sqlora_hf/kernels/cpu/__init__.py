@@ -111,7 +111,8 @@ class CPUBackend:
         if type(x32) is torch.Tensor and not torch.compiler.is_compiling():
             # Eager: straight to the C library with the layer described once (no dispatcher, no
             # per-buffer checks). Tracing, fake tensors and torch.compile go through the custom op.
-            y = ops.run(c["described"], x32)
+            # bf16 inputs are exact in fp32, and tell the kernel it may use bf16 dot products.
+            y = ops.run(c["described"], x32, bf16_x=x.dtype is torch.bfloat16)
         else:
             n, bits, group, sparsity = c["meta"]
             y = torch.ops.sqlora_cpu.linear(x32, c["codes"], c["scales"], c["mask"], c["lut"], c["L"], c["R"],

@@ -20,7 +20,7 @@ from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 SOURCE_CANDIDATES = [HERE.parents[2] / "csrc" / "sqlora_cpu.c"]
-ABI_VERSION = 5
+ABI_VERSION = 6
 ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3, "dotprod": 4}
 ISA_NAMES = {v: k for k, v in ISA_CODES.items()}
 COMPILE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp"]
@@ -83,6 +83,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sqlora_cpu_isa_supported.argtypes = [i32]
     lib.sqlora_cpu_isa_supported.restype = i32
     lib.sqlora_cpu_best_isa.restype = i32
+    lib.sqlora_cpu_bf16_supported.restype = i32
+    lib.sqlora_cpu_bf16_supported.argtypes = []
     lib.sqlora_cpu_abi_version.restype = i32
     lib.sqlora_cpu_linear.restype = i32
     lib.sqlora_cpu_linear.argtypes = [

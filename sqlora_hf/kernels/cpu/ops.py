@@ -52,6 +52,9 @@ def act_flags() -> int:
     raise ValueError(f"SQLORA_CPU_INT_ACT must be 0, 1 (= 12) or 8, got {env!r}")
 
 
+FLAG_BF16_X = 4  # sqlora_cpu.c SQ_FLAG_BF16_X: x holds bfloat16 values (the exact vdpbf16ps kernel may run)
+
+
 # Large batches: torch's BLAS on dequantized row tiles. Our register-blocked kernel runs at a fixed
 # ~60 GFLOPS per core, while the BLAS gets faster with the batch (docs/kernels_cpu.md "Large batches").
 GEMM_MIN_ROWS = 32
@@ -74,6 +77,18 @@ def gemm_min_rows() -> int:
     if n < 0:
         raise ValueError(f"SQLORA_CPU_GEMM_MIN_ROWS must be a non-negative integer (0: never), got {env!r}")
     return n
+
+
+_bf16_kernel: Optional[bool] = None
+
+
+def bf16_kernel_available() -> bool:
+    """Whether bf16 batches can take the vdpbf16ps kernel: an AVX-512 BF16 CPU with the AVX-512 path selected."""
+    global _bf16_kernel
+    if _bf16_kernel is None:
+        lib = library.load()
+        _bf16_kernel = bool(lib is not None and lib.sqlora_cpu_bf16_supported())
+    return _bf16_kernel and library.selected_isa() == "avx512"
 
 
 def _tile_buffer() -> torch.Tensor:
@@ -156,11 +171,12 @@ class Described:
     as this object lives (it is kept in the module's kernel cache).
     """
 
-    __slots__ = ("desc", "addr", "tensors", "n", "k")
+    __slots__ = ("desc", "addr", "tensors", "n", "k", "bf16_table")
 
-    def __init__(self, desc, tensors, n: int, k: int) -> None:
+    def __init__(self, desc, tensors, n: int, k: int, bf16_table: bool = False) -> None:
         self.desc, self.tensors, self.n, self.k = desc, tensors, n, k
         self.addr = ctypes.addressof(desc)
+        self.bf16_table = bf16_table  # a dense 4-bit layer whose table is bf16-exact (format 2)
 
 
 def describe(codes, scales, mask, lut, lowrank_l, lowrank_r, bias, out_features: int, in_features: int,
@@ -203,10 +219,11 @@ def describe(codes, scales, mask, lut, lowrank_l, lowrank_r, bias, out_features:
         ptr(mask), numel(mask), ptr(lut), numel(lut), ptr(lowrank_l), ptr(lowrank_r), rank,
         numel(lowrank_l), numel(lowrank_r), ptr(bias), numel(bias),
     )
-    return Described(desc, (codes, scales, mask, lut, lowrank_l, lowrank_r, bias), n, k)
+    bf16_table = bits == 4 and not sparsity and not bool((lut.view(torch.int32) & 0xFFFF).any())
+    return Described(desc, (codes, scales, mask, lut, lowrank_l, lowrank_r, bias), n, k, bf16_table)
 
 
-def run(d: Described, x: torch.Tensor) -> torch.Tensor:
+def run(d: Described, x: torch.Tensor, bf16_x: bool = False) -> torch.Tensor:
     """`x [M, K]` fp32 contiguous CPU → `[M, N]` through a described layer (no per-buffer checks)."""
     if library.load() is None:
         raise RuntimeError(f"sqlora CPU kernels are not available: {library.load_error()}")
@@ -214,21 +231,27 @@ def run(d: Described, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"sqlora_cpu.linear: x must be 2-D [M, {d.k}], got {tuple(x.shape)}")
     if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
         raise ValueError(f"sqlora_cpu.linear: x must be a contiguous CPU float32 tensor, got {x.dtype} on {x.device}")
-    return run_flat(d, x)
+    return run_flat(d, x, bf16_x)
 
 
-def run_flat(d: Described, x: torch.Tensor) -> torch.Tensor:
-    """`run` for a contiguous fp32 CPU `x [..., K]` (checked by the caller) → `[..., N]`, no reshapes."""
+def run_flat(d: Described, x: torch.Tensor, bf16_x: bool = False) -> torch.Tensor:
+    """`run` for a contiguous fp32 CPU `x [..., K]` (checked by the caller) → `[..., N]`, no reshapes.
+    `bf16_x`: every value of x is a bfloat16 (it came from a bf16 tensor), which lets 4-bit layers with a
+    bf16-exact table take the exact `vdpbf16ps` kernel at small batches (docs/kernels_cpu.md)."""
     lib = library.load()
     m = x.numel() // d.k
-    if m > 1 and d.k <= _TILE_FLOATS:  # (decode, m = 1, skips the variable; a row wider than a tile keeps the kernel)
+    bf16_kernel = bf16_x and m > 1 and d.bf16_table and bf16_kernel_available()
+    if m > 1 and d.k <= _TILE_FLOATS and not bf16_kernel:
+        # (decode, m = 1, skips the variable; a row wider than a tile keeps the kernel; bf16 batches of a
+        # layer the vdpbf16ps kernel takes stay on it at every size: 1.7-2x faster than fp32 tiles)
         big = gemm_min_rows()
         if big and m >= big:
             return _run_tiled(lib, d, x, m)
     y = torch.empty((*x.shape[:-1], d.n), dtype=torch.float32)
     if m == 0:
         return y
-    rc = lib.sqlora_cpu_linear_desc(d.addr, library.ISA_CODES[library.selected_isa()], act_flags(), num_threads(),
+    flags = act_flags() | (FLAG_BF16_X if bf16_x else 0)
+    rc = lib.sqlora_cpu_linear_desc(d.addr, library.ISA_CODES[library.selected_isa()], flags, num_threads(),
                                     x.data_ptr(), m, y.data_ptr())
     if rc != 0:
         raise RuntimeError(f"sqlora_cpu.linear failed: {ERRORS.get(rc, rc)} (code {rc})")
