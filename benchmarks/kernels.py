@@ -132,11 +132,15 @@ def bench_layers(args) -> list[dict]:
                     variants = [("", None)]
                     if args.int_act and m == 1 and fmt[2] is None and fmt[0] == 4 and fmt[3] == 2:
                         variants += [(" int-act12", "1"), (" int-act8", "8")]
+                    if m > 1 and fmt[2] is None and fmt[0] == 4 and fmt[3] == 2:
+                        variants += [(" bf16 x", "bf16")]  # a bf16 model's call: the vdpbf16ps kernel where present
                     for suffix, flag in variants:
                         def call(p, flag=flag):
                             # what SQLoRALinear's eager forward runs: the layer described once (its
                             # kernel cache), then one C call; torch.ops.sqlora_cpu.linear re-validates
                             # every buffer per call (~50 µs), which only tracing and torch.compile pay
+                            if flag == "bf16":  # CPUBackend.linear on a bf16 tensor: to fp32 and back included
+                                return ops.run_flat(p["described"], xb.float(), bf16_x=True).to(torch.bfloat16)
                             if flag:
                                 os.environ["SQLORA_CPU_INT_ACT"] = flag
                             try:
