@@ -259,6 +259,38 @@ def bench_decode(args) -> dict:
         ms = out["prefill_" + label + "_ms"]
         print(f"prefill {prompt.shape[1]} tokens {label:<18} {ms:8.1f} ms "
               f"(x{out['prefill_fp32_ms'] / ms:.2f} the fp32 model's speed, median of {args.decode_reps})", flush=True)
+    out.update(bench_prefill_bf16(args, directory, tok))
+    return out
+
+
+def bench_prefill_bf16(args, directory: str, tok) -> dict:
+    """Prefill of SmolLM2 loaded in bfloat16, compressed vs not: the compressed model's 4-bit layers get
+    bf16 activations, which the vdpbf16ps kernel takes on AVX-512 BF16 CPUs (docs/kernels_cpu.md)."""
+    from transformers import AutoModelForCausalLM
+
+    from sqlora_hf import SQLoRAConfig
+    from sqlora_hf.evaluation import reference_text
+    from sqlora_hf.kernels.cpu import ops
+
+    bf16 = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    packed = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16,
+                                                  quantization_config=SQLoRAConfig(backend="cpu")).eval()
+    text = tok(reference_text(20000), return_tensors="pt").input_ids
+    out = {"prefill_bf16_kernel": ops.bf16_kernel_available()}
+    for n in sorted({16, 64, args.prefill_tokens}):
+        prompt = text[:, :n]
+        t = {"bf16": [], "sqlora-cpu-bf16": []}
+        with torch.no_grad():
+            for rep in range(args.decode_reps + 1):
+                for label, model in (("bf16", bf16), ("sqlora-cpu-bf16", packed)):
+                    t0 = time.perf_counter()
+                    model(prompt, use_cache=False)
+                    if rep:
+                        t[label].append(time.perf_counter() - t0)
+        a, b = statistics.median(t["bf16"]) * 1e3, statistics.median(t["sqlora-cpu-bf16"]) * 1e3
+        out[f"prefill_bf16_{n}_ms"], out[f"prefill_sqlora_bf16_{n}_ms"] = a, b
+        print(f"prefill {n} tokens, bf16 model {a:8.1f} ms, compressed bf16 model {b:8.1f} ms (x{a / b:.2f}; "
+              f"bf16 kernel {'on' if out['prefill_bf16_kernel'] else 'not available'})", flush=True)
     return out
 
 

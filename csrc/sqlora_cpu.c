@@ -1202,6 +1202,19 @@ transpose16x8(const uint8_t *codes, int64_t rb, int64_t d0, __m512i V[8]) {
     V[3] = _mm512_shuffle_i32x4(u3, u7, 0x88); V[7] = _mm512_shuffle_i32x4(u3, u7, 0xDD);
 }
 
+/* Pair q (0..3) of every lane's dword v, looked up: 16 rows x 2 bf16 weights (nibbles q and q + 4). */
+T_BF16 static inline __attribute__((always_inline)) __m512i bf16_pair(const __m512i v, int q, const __m512i table) {
+    return _mm512_permutexvar_epi16(q ? _mm512_srli_epi16(v, 4 * q) : v, table);
+}
+
+/* Lane l's row (SQ_PI(l)) times `stride`, for the gathers. */
+T_BF16 static inline __attribute__((always_inline)) __m512i bf16_lane_offsets(int64_t stride) {
+    const __m512i pi = _mm512_setr_epi32(SQ_PI(0), SQ_PI(1), SQ_PI(2), SQ_PI(3), SQ_PI(4), SQ_PI(5), SQ_PI(6),
+                                         SQ_PI(7), SQ_PI(8), SQ_PI(9), SQ_PI(10), SQ_PI(11), SQ_PI(12), SQ_PI(13),
+                                         SQ_PI(14), SQ_PI(15));
+    return _mm512_mullo_epi32(pi, _mm512_set1_epi32((int)stride));
+}
+
 /* The 8 weights of dword d of every row (v: one dword per lane) against MB rows of paired x. A = 8 / MB
  * accumulators per row of x (pair q goes to acc[m * A + q % A]): a vdpbf16ps waits for the one before it
  * on the same accumulator (latency ~6 cycles), so fewer than ~8 chains leave the unit idle. */
@@ -1210,7 +1223,7 @@ bf16_dword(const __m512i v, int64_t d, const __m512i table, int64_t K, const uin
            __m512 acc[16], const int MB) {
 #pragma GCC unroll 4
     for (int q = 0; q < 4; q++) {
-        const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(q ? _mm512_srli_epi16(v, 4 * q) : v, table);
+        const __m512bh w = (__m512bh)bf16_pair(v, q, table);
         const int A = SQ_BF16_ACCS(MB);
 #pragma GCC unroll 16
         for (int m = 0; m < MB; m++)
@@ -1245,11 +1258,7 @@ T_BF16 static inline __attribute__((always_inline)) void
 bf16_panel(const uint8_t *codes, const float *scales, __mmask16 lanes, const __m512i table, int group, int64_t K,
            const uint32_t *xp, float *o, const int MB, const int G32) {
     const int64_t rb = K / 2, spr = K / group, nd = K / 8, gd = group / 8;
-    const __m512i pi = _mm512_setr_epi32(SQ_PI(0), SQ_PI(1), SQ_PI(2), SQ_PI(3), SQ_PI(4), SQ_PI(5), SQ_PI(6),
-                                         SQ_PI(7), SQ_PI(8), SQ_PI(9), SQ_PI(10), SQ_PI(11), SQ_PI(12), SQ_PI(13),
-                                         SQ_PI(14), SQ_PI(15));
-    const __m512i cidx = _mm512_mullo_epi32(pi, _mm512_set1_epi32((int)rb));
-    const __m512i sidx = _mm512_mullo_epi32(pi, _mm512_set1_epi32((int)spr));
+    const __m512i cidx = bf16_lane_offsets(rb), sidx = bf16_lane_offsets(spr);
     __m512 acc[16];
     for (int m = 0; m < MB; m++) _mm512_storeu_ps(o + 16 * m, _mm512_setzero_ps());
     for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
@@ -1294,6 +1303,75 @@ T_BF16 static void bf16_panel_mb(const uint8_t *codes, const float *scales, __mm
     }
 }
 
+/* Batches of more than SQ_BF16_MB rows take several passes over a panel. Its weights are then decoded
+ * once into wb[4d + q] (16 rows x 2 bf16 weights per vector, K * 32 bytes: in L2), and every pass loads
+ * them instead of transposing and looking up again: at batch 256 the lookups had cost ~25 % of the time. */
+T_BF16 static void bf16_decode_panel(const uint8_t *codes, const float *scales, __mmask16 lanes, const __m512i table,
+                                     int64_t K, int group, __m512i *wb, __m512 *sb) {
+    const int64_t rb = K / 2, nd = K / 8, spr = K / group;
+    const __m512i sidx = bf16_lane_offsets(spr);
+    for (int64_t g = 0; g < spr; g++)
+        sb[g] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, sidx, scales + g, 4);
+    int64_t d0 = 0;
+    if (lanes == 0xFFFF)
+        for (; d0 + 8 <= nd; d0 += 8) {
+            __m512i V[8];
+            transpose16x8(codes, rb, d0, V);
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++)
+#pragma GCC unroll 4
+                for (int q = 0; q < 4; q++) _mm512_store_si512(wb + 4 * (d0 + j) + q, bf16_pair(V[j], q, table));
+        }
+    const __m512i cidx = bf16_lane_offsets(rb);
+    for (; d0 < nd; d0++) {
+        const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, cidx, codes + 4 * d0, 1);
+        for (int q = 0; q < 4; q++) _mm512_store_si512(wb + 4 * d0 + q, bf16_pair(v, q, table));
+    }
+}
+
+/* One pass of MB <= SQ_BF16_MB rows of paired x over a decoded panel (weights wb, scales sb[g], one vector
+ * per group in lane order): o as in bf16_panel. The totals stay in registers here (no code vectors to
+ * hold), and the scales are loads, not gathers. */
+T_BF16 static inline __attribute__((always_inline)) void
+bf16_pass(const __m512i *wb, const __m512 *sb, int group, int64_t K, const uint32_t *xp, float *o, const int MB) {
+    const int64_t spr = K / group, gd = group / 8;
+    const int A = SQ_BF16_ACCS(MB);
+    __m512 acc[16], tot[8];
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    for (int m = 0; m < MB; m++) tot[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < spr; g++) {
+        for (int64_t d = g * gd; d < (g + 1) * gd; d++)
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; q++) {
+                const __m512bh w = (__m512bh)_mm512_load_si512(wb + 4 * d + q);
+#pragma GCC unroll 16
+                for (int m = 0; m < MB; m++)
+                    acc[m * A + q % A] = _mm512_dpbf16_ps(acc[m * A + q % A], w,
+                                                          (__m512bh)_mm512_set1_epi32((int)xp[m * (K / 2) + 4 * d + q]));
+            }
+        const __m512 sv = _mm512_load_ps((const float *)(sb + g));
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; m++) {
+            __m512 a = acc[m * A];
+#pragma GCC unroll 4
+            for (int i = 1; i < A; i++) a = _mm512_add_ps(a, acc[m * A + i]);
+            tot[m] = _mm512_fmadd_ps(a, sv, tot[m]);
+#pragma GCC unroll 4
+            for (int i = 0; i < A; i++) acc[m * A + i] = _mm512_setzero_ps();
+        }
+    }
+    for (int m = 0; m < MB; m++) _mm512_storeu_ps(o + 16 * m, tot[m]);
+}
+
+T_BF16 static void bf16_pass_mb(const __m512i *wb, const __m512 *sb, int group, int64_t K, const uint32_t *xp,
+                                float *o, int MB) {
+    switch (MB) {
+#define SQ_MB(n) case n: bf16_pass(wb, sb, group, K, xp, o, n); break;
+    SQ_MB(1) SQ_MB(2) SQ_MB(3) SQ_MB(4) SQ_MB(5) SQ_MB(6) SQ_MB(7) default: SQ_MB(8)
+#undef SQ_MB
+    }
+}
+
 T_BF16 static int gemm4_bf16_avx512(int n_threads, const float *x, int64_t M, int64_t N, int64_t K, int group,
                                     const uint8_t *codes, const float *scales, const float *lut, const float *t,
                                     const float *L, int64_t rank, const float *bias, float *y) {
@@ -1304,21 +1382,40 @@ T_BF16 static int gemm4_bf16_avx512(int n_threads, const float *x, int64_t M, in
     for (int i = 0; i < 32; i++) tw[i] = (uint16_t)(bf16_round(lut[i & 15])); /* exact: lut_is_bf16 */
     const __m512i table = _mm512_loadu_si512((const void *)tw);
     const int64_t panels = (N + 15) / 16, spr = K / group;
-    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
-    for (int64_t p = 0; p < panels; p++) {
-        const int64_t n0 = 16 * p, nr = N - n0 < 16 ? N - n0 : 16;
-        __mmask16 lanes = 0; /* lane l holds row SQ_PI(l) */
-        for (int l = 0; l < 16; l++) lanes |= (__mmask16)((SQ_PI(l) < nr) << l);
-        float o[16 * SQ_BF16_MB];
-        for (int64_t m0 = 0; m0 < M; m0 += SQ_BF16_MB) {
-            const int mb = M - m0 < SQ_BF16_MB ? (int)(M - m0) : SQ_BF16_MB;
-            bf16_panel_mb(codes + n0 * (K / 2), scales + n0 * spr, lanes, table, group, K, xp + m0 * (K / 2), o, mb);
-            for (int j = 0; j < mb; j++)
-                for (int l = 0; l < 16; l++)
-                    if (SQ_PI(l) < nr)
-                        y[(m0 + j) * N + n0 + SQ_PI(l)] = finish_avx512(o[16 * j + l], m0 + j, n0 + SQ_PI(l), bias, t, L, rank);
+    const int decoded = M > 2 * SQ_BF16_MB; /* three passes or more: decode each panel once (at two, the
+                                               * same speed either way) */
+    const size_t wb_vectors = (size_t)(K / 2 + K / group); /* 4 per dword of a row (K / 8 dwords), 1 per group */
+    __m512i *wbuf = decoded ? (__m512i *)aligned_alloc(64, sizeof(__m512i) * wb_vectors * (size_t)n_threads) : NULL;
+    if (decoded && !wbuf) { free(xp); return SQ_ENOMEM; }
+    #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
+    {
+#ifdef _OPENMP
+        __m512i *wb = decoded ? wbuf + wb_vectors * (size_t)omp_get_thread_num() : NULL;
+#else
+        __m512i *wb = wbuf;
+#endif
+        #pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; p++) {
+            const int64_t n0 = 16 * p, nr = N - n0 < 16 ? N - n0 : 16;
+            __mmask16 lanes = 0; /* lane l holds row SQ_PI(l) */
+            for (int l = 0; l < 16; l++) lanes |= (__mmask16)((SQ_PI(l) < nr) << l);
+            const uint8_t *pc = codes + n0 * (K / 2);
+            const float *ps = scales + n0 * spr;
+            if (decoded) bf16_decode_panel(pc, ps, lanes, table, K, group, wb, (__m512 *)(wb + K / 2));
+            float o[16 * SQ_BF16_MB];
+            for (int64_t m0 = 0; m0 < M; m0 += SQ_BF16_MB) {
+                const int mb = M - m0 < SQ_BF16_MB ? (int)(M - m0) : SQ_BF16_MB;
+                if (decoded) bf16_pass_mb(wb, (const __m512 *)(wb + K / 2), group, K, xp + m0 * (K / 2), o, mb);
+                else bf16_panel_mb(pc, ps, lanes, table, group, K, xp + m0 * (K / 2), o, mb);
+                for (int j = 0; j < mb; j++)
+                    for (int l = 0; l < 16; l++)
+                        if (SQ_PI(l) < nr)
+                            y[(m0 + j) * N + n0 + SQ_PI(l)] =
+                                finish_avx512(o[16 * j + l], m0 + j, n0 + SQ_PI(l), bias, t, L, rank);
+            }
         }
     }
+    free(wbuf);
     free(xp);
     return SQ_OK;
 }

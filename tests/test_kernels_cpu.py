@@ -171,6 +171,20 @@ def test_bf16_inputs_take_the_exact_bf16_kernel(monkeypatch, group, k, m):
     torch.testing.assert_close(yb.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
 
 
+def test_bf16_shortcut_forward_equals_the_generic_path():
+    module = make_layer(53, 192, 4, 64, None, rank=2, bias=True)
+    x = torch.randn(2, 5, 192).to(torch.bfloat16)
+    first = run(module, x, "cpu")  # the generic path, which prepares the layer and installs the shortcut
+    assert module._kernel_cache.get("forward") is not None
+    with torch.no_grad():
+        again = module(x)
+    assert again.dtype == torch.bfloat16 and torch.equal(first, again)
+    module.compute_dtype = torch.float32  # now the generic path casts x to fp32 (the exact fp32 kernels)
+    with torch.no_grad():
+        y32 = module(x)
+        assert torch.equal(y32, module(x.float()).to(torch.bfloat16))
+
+
 def test_threads_agree(monkeypatch):
     module = make_layer(129, 256, 4, 64, None, rank=3, bias=True)
     x = torch.randn(3, 256)

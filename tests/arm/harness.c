@@ -302,13 +302,14 @@ int main(void) {
         if (isa == ISA_AVX512 && sqlora_cpu_bf16_supported()) { /* N: full panels of 16 and a partial one */
             static const int bgroups[] = {32, 64, 128, 256};
             for (int gi = 0; gi < 4; gi++)
-                for (int64_t m = 3; m <= 19; m += 8) { /* 3, 11 (a pass of 8 and one of 3), 19 */
+                for (int64_t m = 3; m <= 19; m += 8) { /* 3, 11 (a pass of 8 and one of 3), 19 (decoded panels) */
                     const int g = bgroups[gi];
                     checks++; /* K = 3g: with g = 32 an odd multiple of 32 (the gathered tail) */
                     failures += !check_bf16_case(g, m, 53, 3 * g, m == 11 ? 0 : 4, m == 19 ? 2 : 1);
                 }
-            checks++;
+            checks += 2; /* 8 rows: one pass of the fused kernel; 24: three passes over decoded panels */
             failures += !check_bf16_case(64, 8, 64, 4096, 0, 2);
+            failures += !check_bf16_case(128, 24, 80, 2048, 2, 2);
             printf("bf16 kernel: checked\n");
         }
         printf("isa %d: checked\n", isa);

@@ -16,6 +16,7 @@ from . import library, ops  # noqa: F401  (ops registers torch.ops.sqlora_cpu.li
 
 _SPARSITY_CODE = {None: 0, "2:4": 1, "4:8": 2}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FAST_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _sources(module) -> tuple:
@@ -61,13 +62,14 @@ def _fast_forward(module, x: torch.Tensor):
     The generic path (SQLoRALinear.forward → kernels.resolve → CPUBackend.linear → checks) costs
     ~40 µs of Python per call, more than a 576x576 layer's kernel; SmolLM2 makes 210 such calls per
     token. Taken only when nothing could differ from the generic path: a plain contiguous CPU fp32
-    tensor, no autograd, no compute-dtype cast, not tracing, the same backend setting as when this
+    tensor (or a bfloat16 one, as the generic path converts it), no autograd, no compute-dtype cast, not
+    tracing, the same backend setting as when this
     module was prepared, and no packed buffer replaced or modified since (identity and version).
     """
     c = module._kernel_cache.get("cpu")
-    if (not c or type(x) is not torch.Tensor or x.dtype is not torch.float32 or not x.is_cpu
+    if (not c or type(x) is not torch.Tensor or x.dtype not in _FAST_DTYPES or not x.is_cpu
             or not x.is_contiguous() or module.backend != c.get("backend_name")
-            or module.compute_dtype not in (None, torch.float32)):
+            or module.compute_dtype not in (None, x.dtype)):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or (module.bias is not None and module.bias.requires_grad)):
         return None
@@ -82,6 +84,8 @@ def _fast_forward(module, x: torch.Tensor):
     d = c["described"]
     if x.dim() == 0 or x.shape[-1] != d.k:
         return None
+    if x.dtype is torch.bfloat16:  # a bf16 model: exact in fp32, and the kernel may use bf16 products
+        return ops.run_flat(d, x.float(), bf16_x=True).to(torch.bfloat16)
     return ops.run_flat(d, x)
 
 
