@@ -171,6 +171,29 @@ def test_bf16_inputs_take_the_exact_bf16_kernel(monkeypatch, group, k, m):
     torch.testing.assert_close(yb.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
 
 
+@pytest.mark.skipif(not BF16_KERNEL, reason="the bf16 kernel needs an AVX-512 BF16 CPU")
+@pytest.mark.parametrize("group,k", [(64, 192), (32, 1056), (256, 512)])
+@pytest.mark.parametrize("m", [4, 8, 17, 31])
+def test_fp32_batches_split_into_two_bf16_terms(monkeypatch, group, k, m):
+    monkeypatch.setenv("SQLORA_CPU_ISA", "avx512")
+    module = make_layer(53, k, 4, group, None, rank=3, bias=True)
+    x = torch.randn(m, k) * torch.exp(2 * torch.randn(m, k))  # a wide dynamic range, not bf16 values
+    ref = run(module, x.double(), "reference").float()
+    split = run(module, x, "cpu")
+    assert_close_rel(split, ref, tol=2e-5)  # hi + lo leaves at most 2^-18 of each x out
+    monkeypatch.setenv("SQLORA_CPU_EXACT", "1")
+    exact = run(module, x, "cpu")
+    assert_close_rel(exact, ref, tol=2e-6)
+    assert not torch.equal(split, exact)  # the split path really ran by default
+
+
+def test_exact_flag_must_be_0_or_1(monkeypatch):
+    monkeypatch.setenv("SQLORA_CPU_EXACT", "yes")
+    module = make_layer(16, 64, 4, 64, None, rank=0, bias=False)
+    with pytest.raises(ValueError, match="SQLORA_CPU_EXACT"):
+        run(module, torch.randn(4, 64), "cpu")
+
+
 def test_bf16_shortcut_forward_equals_the_generic_path():
     module = make_layer(53, 192, 4, 64, None, rank=2, bias=True)
     x = torch.randn(2, 5, 192).to(torch.bfloat16)

@@ -71,7 +71,7 @@ static int check_case(int isa, int bits, int group, int sparsity, int64_t M, int
 
 /* The bf16-activation kernel (SQ_FLAG_BF16_X, AVX-512 BF16 CPUs): x and the table hold bfloat16 values,
  * so every product is exact and the result must equal the scalar fp32 path up to summation order. */
-static int check_bf16_case(int group, int64_t M, int64_t N, int64_t K, int64_t rank, int threads) {
+static int check_bf16_case(int group, int64_t M, int64_t N, int64_t K, int64_t rank, int threads, int split) {
     uint8_t *codes = malloc(N * K / 2);
     float *scales = malloc(sizeof(float) * N * (K / group)), lut[16], *x = malloc(sizeof(float) * M * K);
     float *L = malloc(sizeof(float) * (N * rank + 1)), *R = malloc(sizeof(float) * (rank * K + 1));
@@ -79,21 +79,33 @@ static int check_bf16_case(int group, int64_t M, int64_t N, int64_t K, int64_t r
     for (int64_t i = 0; i < N * K / 2; i++) codes[i] = (uint8_t)next_u32();
     for (int64_t i = 0; i < N * (K / group); i++) scales[i] = 0.01f + 0.1f * fabsf(next_f());
     for (int i = 0; i < 16; i++) lut[i] = to_bf16(next_f());
-    for (int64_t i = 0; i < M * K; i++) x[i] = to_bf16(next_f());
+    for (int64_t i = 0; i < M * K; i++) x[i] = split ? next_f() * expf(4.0f * next_f()) : to_bf16(next_f());
+    if (split) { /* values that round to infinity in bf16, and tiny ones, must not break the split */
+        x[0] = 3.4e38f; x[1] = 0.0f; x[2] = 1e-39f; x[3] = -2e-38f; /* one huge value per row: the kernels sum
+                                                                 * unscaled levels, so two could overflow */
+        for (int64_t i = 4; i < 16 && i < K; i++) x[i] = 0.0f; /* keeps the huge terms from overflowing */
+    }
     for (int64_t i = 0; i < N * rank; i++) L[i] = next_f();
     for (int64_t i = 0; i < rank * K; i++) R[i] = 0.1f * next_f();
     for (int64_t i = 0; i < N; i++) bias[i] = next_f();
     int rc0 = sqlora_cpu_linear(ISA_SCALAR, 1, x, M, N, K, 4, group, 0, codes, N * K / 2, scales, N * (K / group), NULL,
                                 0, lut, 16, L, R, rank, N * rank, rank * K, bias, N, y0);
-    int rc1 = linear_impl(ISA_AVX512, SQ_FLAG_BF16_X, threads, x, M, N, K, 4, group, 0, codes, N * K / 2, scales,
+    int rc1 = linear_impl(ISA_AVX512, split ? 0 : SQ_FLAG_BF16_X, threads, x, M, N, K, 4, group, 0, codes, N * K / 2, scales,
                           N * (K / group), NULL, 0, lut, 16, L, R, rank, N * rank, rank * K, bias, N, y1);
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < M * N; i++) { num += (y1[i] - y0[i]) * (double)(y1[i] - y0[i]); den += (double)y0[i] * y0[i]; }
-    double rel = sqrt(num / (den + 1e-30));
-    int ok = rc0 == 0 && rc1 == 0 && rel < 1e-5;
+    double rel = 0; /* the worst row of the batch (row 0 of the split case holds a huge value) */
+    for (int64_t m = 0; m < M; m++) {
+        double num = 0, den = 0;
+        for (int64_t i = m * N; i < (m + 1) * N; i++) {
+            num += (y1[i] - y0[i]) * (double)(y1[i] - y0[i]);
+            den += (double)y0[i] * y0[i];
+        }
+        if (sqrt(num / (den + 1e-30)) > rel) rel = sqrt(num / (den + 1e-30));
+    }
+    int ok = rc0 == 0 && rc1 == 0 && rel < (split ? 2e-5 : 1e-5);
+    for (int64_t i = 0; i < M * N; i++) ok &= isfinite(y1[i]) == isfinite(y0[i]);
     if (!ok)
-        printf("FAIL bf16 kernel g=%d M=%lld N=%lld K=%lld rank=%lld rc=%d/%d rel=%.3g\n", group, (long long)M,
-               (long long)N, (long long)K, (long long)rank, rc0, rc1, rel);
+        printf("FAIL bf16 kernel split=%d g=%d M=%lld N=%lld K=%lld rank=%lld rc=%d/%d rel=%.3g\n", split, group,
+               (long long)M, (long long)N, (long long)K, (long long)rank, rc0, rc1, rel);
     free(codes); free(scales); free(x); free(L); free(R); free(bias); free(y0); free(y1);
     return ok;
 }
@@ -305,11 +317,15 @@ int main(void) {
                 for (int64_t m = 3; m <= 19; m += 8) { /* 3, 11 (a pass of 8 and one of 3), 19 (decoded panels) */
                     const int g = bgroups[gi];
                     checks++; /* K = 3g: with g = 32 an odd multiple of 32 (the gathered tail) */
-                    failures += !check_bf16_case(g, m, 53, 3 * g, m == 11 ? 0 : 4, m == 19 ? 2 : 1);
+                    failures += !check_bf16_case(g, m, 53, 3 * g, m == 11 ? 0 : 4, m == 19 ? 2 : 1, 0);
+                    checks++; /* fp32 x split into two bf16 terms (from 4 rows) */
+                    failures += !check_bf16_case(g, m + 1, 53, 3 * g, m == 11 ? 0 : 4, m == 19 ? 2 : 1, 1);
                 }
-            checks += 2; /* 8 rows: one pass of the fused kernel; 24: three passes over decoded panels */
-            failures += !check_bf16_case(64, 8, 64, 4096, 0, 2);
-            failures += !check_bf16_case(128, 24, 80, 2048, 2, 2);
+            checks += 4; /* 8 rows: one pass of the fused kernel; 24: three passes over decoded panels */
+            failures += !check_bf16_case(64, 8, 64, 4096, 0, 2, 0);
+            failures += !check_bf16_case(128, 24, 80, 2048, 2, 2, 0);
+            failures += !check_bf16_case(64, 8, 64, 4096, 0, 2, 1);
+            failures += !check_bf16_case(128, 24, 80, 2048, 2, 2, 1);
             printf("bf16 kernel: checked\n");
         }
         printf("isa %d: checked\n", isa);

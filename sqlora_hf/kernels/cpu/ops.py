@@ -53,6 +53,19 @@ def act_flags() -> int:
 
 
 FLAG_BF16_X = 4  # sqlora_cpu.c SQ_FLAG_BF16_X: x holds bfloat16 values (the exact vdpbf16ps kernel may run)
+FLAG_EXACT = 8  # SQ_FLAG_EXACT: fp32 x keeps fp32 arithmetic (no two-term bf16 split)
+
+
+def exact_flag() -> int:
+    """`SQLORA_CPU_EXACT=1`: fp32 inputs keep exact fp32 arithmetic at every batch size. By default, on
+    AVX-512 BF16 CPUs, 4-bit dense batches of 4-31 rows split x into two bf16 terms (hi + lo) for the
+    vdpbf16ps kernel: 1.2-1.6x faster, ~2.5e-6 relative error instead of ~1e-7 (docs/kernels_cpu.md)."""
+    env = os.environ.get("SQLORA_CPU_EXACT")
+    if not env or env == "0":
+        return 0
+    if env == "1":
+        return FLAG_EXACT
+    raise ValueError(f"SQLORA_CPU_EXACT must be 0 or 1, got {env!r}")
 
 
 # Large batches: torch's BLAS on dequantized row tiles. Our register-blocked kernel runs at a fixed
@@ -251,7 +264,7 @@ def run_flat(d: Described, x: torch.Tensor, bf16_x: bool = False) -> torch.Tenso
     y = torch.empty((*x.shape[:-1], d.n), dtype=torch.float32)
     if m == 0:
         return y
-    flags = act_flags() | (FLAG_BF16_X if bf16_x else 0)
+    flags = act_flags() | exact_flag() | (FLAG_BF16_X if bf16_x else 0)
     rc = lib.sqlora_cpu_linear_desc(d.addr, library.ISA_CODES[library.selected_isa()], flags, num_threads(),
                                     x.data_ptr(), m, y.data_ptr())
     if rc != 0:
