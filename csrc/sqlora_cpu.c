@@ -260,7 +260,7 @@ T_AVX512 static void decode_row_avx512(const uint8_t *row, int bits, const float
 #define SQ_BF16_MB 8 /* rows of x per pass of the bf16 kernel (at most 8) */
 #endif
 #ifndef SQ_SPLIT_MIN_M
-#define SQ_SPLIT_MIN_M 4 /* fp32 x split into two bf16 terms from this batch on (below: the fp32 kernels) */
+#define SQ_SPLIT_MIN_M 3 /* fp32 x split into two bf16 terms from this batch on (at 2: as fast as the fp32 kernels) */
 #endif
 #ifndef SQ_BF16_MIN_M
 #define SQ_BF16_MIN_M 3 /* bf16 activations: batches from 3 take the vdpbf16ps kernel (at 2 the fp32 one
@@ -1147,7 +1147,7 @@ T_AVX512 static int gemm4_avx512(int n_threads, const float *x, int64_t M, int64
  * float32 reference (the reference backend itself rounds the weights to bf16 for bf16 inputs).
  * fp32 x (batches of SQ_SPLIT_MIN_M rows or more, unless SQ_FLAG_EXACT) is split into two bf16 terms,
  * x = hi + lo + e with |e| <= 2^-18 |x| (`split_bf16`), and both terms meet the same looked-up weights:
- * twice the dot products, still 1.2-1.6x faster than the fp32 kernels at batches 4-24, ~2.5e-6
+ * twice the dot products, still 1.2-1.6x faster than the fp32 kernels at batches 3-24, ~2.5e-6
  * relative error on the outputs (the fp32 kernels: ~1e-7; the issue's bound for the default: 1e-4).
  *
  * Layout: lanes are 16 weight rows (a panel), not columns, so no horizontal sums are needed and a
