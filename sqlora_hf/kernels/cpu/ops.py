@@ -58,9 +58,9 @@ FLAG_EXACT = 8  # SQ_FLAG_EXACT: fp32 x keeps fp32 arithmetic (no two-term bf16 
 
 def exact_flag() -> int:
     """`SQLORA_CPU_EXACT=1`: fp32 inputs keep exact fp32 arithmetic at every batch size. By default, on
-    AVX-512 BF16 CPUs, batches of 3 rows or more of 4-bit dense layers split x into two bf16 terms (hi + lo)
-    for the vdpbf16ps kernel: 1.2-1.6x faster below 32 rows and 1.1-1.2x above (where the fp32 BLAS tiles
-    ran), ~2.5e-6 relative error instead of ~1e-7 (docs/kernels_cpu.md)."""
+    AVX-512 BF16 CPUs, 4-bit dense batches of 3 to SQLORA_CPU_GEMM_MIN_ROWS - 1 rows split x into two bf16
+    terms (hi + lo) for the vdpbf16ps kernel: 1.2-1.6x faster, ~2.5e-6 relative error instead of ~1e-7
+    (docs/kernels_cpu.md). Larger batches use the fp32 BLAS tiles either way."""
     env = os.environ.get("SQLORA_CPU_EXACT")
     if not env or env == "0":
         return 0
@@ -80,8 +80,8 @@ _tile = threading.local()
 
 def gemm_min_rows() -> int:
     """`SQLORA_CPU_GEMM_MIN_ROWS`: the batch (rows of x) from which a call multiplies dequantized row tiles
-    with torch's BLAS instead of the packed kernel (default 32; 0: never). Layers the vdpbf16ps kernel takes
-    ignore it, unless `SQLORA_CPU_EXACT=1` with fp32 inputs (that kernel is faster at every batch size)."""
+    with torch's BLAS instead of the packed kernel (default 32; 0: never). bf16 inputs of layers the
+    vdpbf16ps kernel takes ignore it (that kernel is faster than the fp32 tiles at every batch size)."""
     env = os.environ.get("SQLORA_CPU_GEMM_MIN_ROWS")
     if not env:
         return GEMM_MIN_ROWS
@@ -258,9 +258,10 @@ def run_flat(d: Described, x: torch.Tensor, bf16_x: bool = False) -> torch.Tenso
     exact = exact_flag() if m > 1 else 0  # (decode skips the variable; C ignores it for one row)
     if m > 1 and d.k <= _TILE_FLOATS:  # (decode, m = 1, skips the variable; a row wider than a tile keeps the kernel)
         big = gemm_min_rows()
-        # Batches of a layer the vdpbf16ps kernel takes stay on it at every size: bf16 inputs (1.7-2x
-        # faster than the fp32 tiles) and fp32 ones split into two bf16 terms (1.1-1.2x), unless exact.
-        bf16_kernel = m > 2 and d.bf16_table and (bf16_x or not exact) and bf16_kernel_available()
+        # bf16 batches of a layer the vdpbf16ps kernel takes stay on it at every size (1.7-2x faster than
+        # the fp32 tiles). fp32 ones split into two bf16 terms do not: 1.1-1.2x faster than the tiles at
+        # 4096 x 4096, but slower on small layers (a 256-token SmolLM2 prompt: 0.90x against 1.01x).
+        bf16_kernel = m > 2 and bf16_x and d.bf16_table and bf16_kernel_available()
         if big and m >= big and not bf16_kernel:
             return _run_tiled(lib, d, x, m)
     y = torch.empty((*x.shape[:-1], d.n), dtype=torch.float32)
