@@ -9,7 +9,9 @@
  *   - the ISA-specific parts are the 4-bit / 8-bit decoders and the dot product;
  *   - the low-rank term is computed as t = x R^T first (M x r), then fused into each row's output.
  * Weights are exact fp32 products of table value and fp32 scale, as in the reference dequantizer,
- * so only the summation order differs from `F.linear(x, dequantize())`.
+ * so only the summation order differs from `F.linear(x, dequantize())`. The exception is the AVX-512
+ * BF16 batch kernel (gemm4_bf16_avx512): exact for bf16 inputs, and within 2^-18 per x value for fp32
+ * ones, which it splits into two bf16 terms (SQ_FLAG_EXACT turns that off).
  *
  * The caller (sqlora_hf/kernels/cpu) validates every buffer length before calling; the kernel
  * re-checks the lengths it is told about and returns a negative code instead of reading past them.
