@@ -258,9 +258,7 @@ T_AVX512 static void decode_row_avx512(const uint8_t *row, int bits, const float
  * path waiting on memory (4096x4096 g64 on the dev VM: 944 -> 785 us with this, min of 9; the exact
  * path is compute-bound and gains ~4 %). Prefetches past the end of a buffer are harmless hints. */
 #define SQ_PREFETCH 2048
-#ifndef SQ_BF16_MB
-#define SQ_BF16_MB 8 /* rows of x per pass of the bf16 kernel (at most 8) */
-#endif
+#define SQ_BF16_MB 8 /* rows of x per pass of the bf16 kernel (the dispatch instantiates 1..8, not more) */
 #ifndef SQ_SPLIT_MIN_M
 #define SQ_SPLIT_MIN_M 3 /* fp32 x split into two bf16 terms from this batch on (at 2: as fast as the fp32 kernels) */
 #endif
@@ -1166,13 +1164,11 @@ T_AVX512 static int gemm4_avx512(int n_threads, const float *x, int64_t M, int64
 
 static int cpu_has_bf16(void) { return __builtin_cpu_supports("avx512bf16"); }
 
-static inline uint16_t bf16_round(float f) { /* round to nearest even (the values here are finite) */
+static inline uint16_t bf16_round(float f) { /* round to nearest even (finite x; see split_bf16) */
     uint32_t u; memcpy(&u, &f, 4);
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* xp[4d + q]: the x pair of dword d's nibbles q and q + 4 (bf16, low word first). Nibble i of dword d
- * is weight base + i/2 + 16(i&1), base = 32(d/4) + 4(d%4) (the format's block layout). */
 static inline float bf16_value(uint16_t h) {
     const uint32_t u = (uint32_t)h << 16;
     float f;
@@ -1194,6 +1190,9 @@ static void split_bf16(float v, uint16_t *hi, uint16_t *lo) {
     *lo = r - r == 0.0f ? bf16_round(r) : 0; /* inf - inf, NaN: no second term */
 }
 
+/* xp[(4d + q) T + u]: term u (T = 1: x itself; T = 2: hi, lo) of the x pair of dword d's nibbles q and
+ * q + 4 (bf16, low word first). Nibble i of dword d is weight base + i/2 + 16(i&1), base = 32(d/4) +
+ * 4(d%4) (the format's block layout). */
 static void pairs_x_bf16(const float *x, int64_t K, uint32_t *xp, int T) {
     for (int64_t d = 0; d < K / 8; d++) {
         const int64_t base = 32 * (d / 4) + 4 * (d % 4);
@@ -1254,41 +1253,50 @@ T_BF16 static inline __attribute__((always_inline)) __m512i bf16_lane_offsets(in
     return _mm512_mullo_epi32(pi, _mm512_set1_epi32((int)stride));
 }
 
-/* The 8 weights of dword d of every row (v: one dword per lane) against MB rows of paired x. A = 8 / MB
- * accumulators per row of x (pair q goes to acc[m * A + q % A]): a vdpbf16ps waits for the one before it
- * on the same accumulator (latency ~6 cycles), so fewer than ~8 chains leave the unit idle. */
+/* Pair q of dword d (w: 16 rows x 2 weights) against MB rows of paired x, T terms each. A = 8 / MB
+ * accumulators per row of x (term u of pair q goes to acc[m * A + (qT + u) % A]): a vdpbf16ps waits for
+ * the one before it on the same accumulator (latency ~6 cycles), so fewer than ~8 chains leave the unit
+ * idle. */
+T_BF16 static inline __attribute__((always_inline)) void
+bf16_dots(const __m512bh w, int64_t d, int q, int64_t K, const uint32_t *xp, __m512 acc[16], const int MB,
+          const int T) {
+    const int A = SQ_BF16_ACCS(MB);
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; m++)
+#pragma GCC unroll 2
+        for (int u = 0; u < T; u++) {
+            const int i = m * A + (q * T + u) % A;
+            acc[i] = _mm512_dpbf16_ps(acc[i], w,
+                                      (__m512bh)_mm512_set1_epi32((int)xp[(m * (K / 2) + 4 * d + q) * T + u]));
+        }
+}
+
+/* Row m's accumulators summed, and zeroed for the next group. */
+T_BF16 static inline __attribute__((always_inline)) __m512 bf16_take(__m512 acc[16], int m, const int MB) {
+    const int A = SQ_BF16_ACCS(MB);
+    __m512 a = acc[m * A];
+#pragma GCC unroll 4
+    for (int i = 1; i < A; i++) a = _mm512_add_ps(a, acc[m * A + i]);
+#pragma GCC unroll 4
+    for (int i = 0; i < A; i++) acc[m * A + i] = _mm512_setzero_ps();
+    return a;
+}
+
+/* The 8 weights of dword d of every row (v: one dword per lane) against MB rows of paired x. */
 T_BF16 static inline __attribute__((always_inline)) void
 bf16_dword(const __m512i v, int64_t d, const __m512i table, int64_t K, const uint32_t *xp,
            __m512 acc[16], const int MB, const int T) {
 #pragma GCC unroll 4
-    for (int q = 0; q < 4; q++) {
-        const __m512bh w = (__m512bh)bf16_pair(v, q, table);
-        const int A = SQ_BF16_ACCS(MB);
-#pragma GCC unroll 8
-        for (int m = 0; m < MB; m++)
-#pragma GCC unroll 2
-            for (int u = 0; u < T; u++) {
-                const int i = m * A + (q * T + u) % A;
-                acc[i] = _mm512_dpbf16_ps(acc[i], w,
-                                          (__m512bh)_mm512_set1_epi32((int)xp[(m * (K / 2) + 4 * d + q) * T + u]));
-            }
-    }
+    for (int q = 0; q < 4; q++) bf16_dots((__m512bh)bf16_pair(v, q, table), d, q, K, xp, acc, MB, T);
 }
 
 /* A group ends: o += acc * (its scales, one per lane), acc = 0. */
 T_BF16 static inline __attribute__((always_inline)) void
 bf16_flush(const float *scales, int64_t g, __mmask16 lanes, const __m512i sidx, __m512 acc[16], float *o, const int MB) {
     const __m512 sv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, sidx, scales + g, 4);
-    const int A = SQ_BF16_ACCS(MB);
-#pragma GCC unroll 16
-    for (int m = 0; m < MB; m++) {
-        __m512 a = acc[m * A];
-#pragma GCC unroll 4
-        for (int i = 1; i < A; i++) a = _mm512_add_ps(a, acc[m * A + i]);
-        _mm512_storeu_ps(o + 16 * m, _mm512_fmadd_ps(a, sv, _mm512_loadu_ps(o + 16 * m)));
-#pragma GCC unroll 4
-        for (int i = 0; i < A; i++) acc[m * A + i] = _mm512_setzero_ps();
-    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; m++)
+        _mm512_storeu_ps(o + 16 * m, _mm512_fmadd_ps(bf16_take(acc, m, MB), sv, _mm512_loadu_ps(o + 16 * m)));
 }
 
 /* One panel (16 rows; lanes outside `lanes` are rows past the layer's end) against MB <= 8 rows of paired
@@ -1378,34 +1386,16 @@ T_BF16 static inline __attribute__((always_inline)) void
 bf16_pass(const __m512i *wb, const __m512 *sb, int group, int64_t K, const uint32_t *xp, float *o, const int MB,
           const int T) {
     const int64_t spr = K / group, gd = group / 8;
-    const int A = SQ_BF16_ACCS(MB);
     __m512 acc[16], tot[8];
     for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
     for (int m = 0; m < MB; m++) tot[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < spr; g++) {
         for (int64_t d = g * gd; d < (g + 1) * gd; d++)
 #pragma GCC unroll 4
-            for (int q = 0; q < 4; q++) {
-                const __m512bh w = (__m512bh)_mm512_load_si512(wb + 4 * d + q);
-#pragma GCC unroll 16
-                for (int m = 0; m < MB; m++)
-#pragma GCC unroll 2
-                    for (int u = 0; u < T; u++) {
-                        const int i = m * A + (q * T + u) % A;
-                        acc[i] = _mm512_dpbf16_ps(
-                            acc[i], w, (__m512bh)_mm512_set1_epi32((int)xp[(m * (K / 2) + 4 * d + q) * T + u]));
-                    }
-            }
+            for (int q = 0; q < 4; q++) bf16_dots((__m512bh)_mm512_load_si512(wb + 4 * d + q), d, q, K, xp, acc, MB, T);
         const __m512 sv = _mm512_load_ps((const float *)(sb + g));
 #pragma GCC unroll 8
-        for (int m = 0; m < MB; m++) {
-            __m512 a = acc[m * A];
-#pragma GCC unroll 4
-            for (int i = 1; i < A; i++) a = _mm512_add_ps(a, acc[m * A + i]);
-            tot[m] = _mm512_fmadd_ps(a, sv, tot[m]);
-#pragma GCC unroll 4
-            for (int i = 0; i < A; i++) acc[m * A + i] = _mm512_setzero_ps();
-        }
+        for (int m = 0; m < MB; m++) tot[m] = _mm512_fmadd_ps(bf16_take(acc, m, MB), sv, tot[m]);
     }
     for (int m = 0; m < MB; m++) _mm512_storeu_ps(o + 16 * m, tot[m]);
 }
