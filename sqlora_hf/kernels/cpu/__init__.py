@@ -61,10 +61,10 @@ def _fast_forward(module, x: torch.Tensor):
 
     The generic path (SQLoRALinear.forward → kernels.resolve → CPUBackend.linear → checks) costs
     ~40 µs of Python per call, more than a 576x576 layer's kernel; SmolLM2 makes 210 such calls per
-    token. Taken only when nothing could differ from the generic path: a plain contiguous CPU fp32
-    tensor (or a bfloat16 one, as the generic path converts it), no autograd, no compute-dtype cast, not
-    tracing, the same backend setting as when this
-    module was prepared, and no packed buffer replaced or modified since (identity and version).
+    token. Taken only when nothing could differ from the generic path: a plain contiguous CPU fp32 or
+    bf16 tensor (bf16 converted as the generic path does), no autograd, no compute-dtype cast, not
+    tracing, the same backend setting as when this module was prepared, and no packed buffer replaced or
+    modified since (identity and version).
     """
     c = module._kernel_cache.get("cpu")
     if (not c or type(x) is not torch.Tensor or x.dtype not in _FAST_DTYPES or not x.is_cpu
