@@ -132,8 +132,10 @@ def bench_layers(args) -> list[dict]:
                     variants = [("", None)]
                     if args.int_act and m == 1 and fmt[2] is None and fmt[0] == 4 and fmt[3] == 2:
                         variants += [(" int-act12", "1"), (" int-act8", "8")]
-                    if m > 1 and fmt[2] is None and fmt[0] == 4 and fmt[3] == 2:
-                        variants += [(" bf16 x", "bf16")]  # a bf16 model's call: the vdpbf16ps kernel where present
+                    if fmt[2] is None and fmt[0] == 4 and fmt[3] == 2:
+                        variants += [(" bf16 x", "bf16")]  # a bf16 model's call: the vdpbf16ps kernels where present
+                        if m == 1:  # the exact fp32 row beside the default (x split into two bf16 terms)
+                            variants += [(" exact", "exact")]
                     for suffix, flag in variants:
                         def call(p, flag=flag):
                             # what SQLoRALinear's eager forward runs: the layer described once (its
@@ -141,12 +143,13 @@ def bench_layers(args) -> list[dict]:
                             # every buffer per call (~50 µs), which only tracing and torch.compile pay
                             if flag == "bf16":  # CPUBackend.linear on a bf16 tensor: to fp32 and back included
                                 return ops.run_flat(p["described"], xb.float(), bf16_x=True).to(torch.bfloat16)
+                            var = "SQLORA_CPU_EXACT" if flag == "exact" else "SQLORA_CPU_INT_ACT"
                             if flag:
-                                os.environ["SQLORA_CPU_INT_ACT"] = flag
+                                os.environ[var] = "1" if flag == "exact" else flag
                             try:
                                 return ops.run_flat(p["described"], x)
                             finally:
-                                os.environ.pop("SQLORA_CPU_INT_ACT", None)
+                                os.environ.pop(var, None)
                         calls[(fmt, suffix)] = (call, items)
                 times = time_interleaved(calls, reps)
                 for key, (_, items) in calls.items():
@@ -180,7 +183,8 @@ def record(rows, n, k, m, threads, fmt, suffix, tq, items, roof_gbs, t32, t16, l
 def bench_decode(args) -> dict:
     """Greedy decode tokens/s of SmolLM2-135M compressed (backend "cpu") vs uncompressed fp32.
 
-    Compressed three times: the default (output head left in fp32, as in every peer), `head_bits=8`
+    Compressed three times: the default (output head left in fp32, as in every peer; also timed with
+    SQLORA_CPU_EXACT=1, the exact fp32 kernels in place of x split into two bf16 terms), `head_bits=8`
     (the tied head/embedding packed as int8 rows, docs/benchmarks.md), and `memory_budget="3.25bpw"`
     (mostly NF3 layers: the 3-bit kernels).
     """
@@ -202,11 +206,13 @@ def bench_decode(args) -> dict:
                                                  quantization_config=SQLoRAConfig(backend="cpu", head_bits=8)).eval()
     budget325 = AutoModelForCausalLM.from_pretrained(
         directory, dtype=torch.float32, quantization_config=SQLoRAConfig(backend="cpu", memory_budget="3.25bpw")).eval()
-    runs = [("fp32", fp32, None), ("sqlora-cpu", packed, None), ("sqlora-cpu-head8", head8, None),
-            ("sqlora-cpu-3.25bpw", budget325, None)]
+    # (label, model, environment variable and value set for its calls, or None)
+    int_act = "SQLORA_CPU_INT_ACT"
+    runs = [("fp32", fp32, None), ("sqlora-cpu", packed, None), ("sqlora-cpu-exact", packed, ("SQLORA_CPU_EXACT", "1")),
+            ("sqlora-cpu-head8", head8, None), ("sqlora-cpu-3.25bpw", budget325, None)]
     if args.int_act:
-        runs += [("sqlora-cpu-int-act", packed, "1"), ("sqlora-cpu-head8-int-act", head8, "1"),
-                 ("sqlora-cpu-int-act8", packed, "8"), ("sqlora-cpu-head8-int-act8", head8, "8")]
+        runs += [("sqlora-cpu-int-act", packed, (int_act, "1")), ("sqlora-cpu-head8-int-act", head8, (int_act, "1")),
+                 ("sqlora-cpu-int-act8", packed, (int_act, "8")), ("sqlora-cpu-head8-int-act8", head8, (int_act, "8"))]
     gen_kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     times = {label: [] for label, _, _ in runs}
     cpu_times = {label: [] for label, _, _ in runs}
@@ -215,7 +221,7 @@ def bench_decode(args) -> dict:
     for rep in range(args.decode_reps):
         for label, model, flag in runs:
             if flag:
-                os.environ["SQLORA_CPU_INT_ACT"] = flag
+                os.environ[flag[0]] = flag[1]
             try:
                 with torch.no_grad():
                     if rep == 0:
@@ -225,7 +231,8 @@ def bench_decode(args) -> dict:
                     times[label].append(time.perf_counter() - t0)
                     cpu_times[label].append(time.process_time() - c0)
             finally:
-                os.environ.pop("SQLORA_CPU_INT_ACT", None)
+                if flag:
+                    os.environ.pop(flag[0], None)
     out = {}
     for label, _, _ in runs:
         out[label] = args.new_tokens / statistics.median(times[label])

@@ -259,12 +259,10 @@ T_AVX512 static void decode_row_avx512(const uint8_t *row, int bits, const float
  * path is compute-bound and gains ~4 %). Prefetches past the end of a buffer are harmless hints. */
 #define SQ_PREFETCH 2048
 #define SQ_BF16_MB 8 /* rows of x per pass of the bf16 kernel (the dispatch instantiates 1..8, not more) */
-#ifndef SQ_SPLIT_MIN_M
-#define SQ_SPLIT_MIN_M 3 /* fp32 x split into two bf16 terms from this batch on (at 2: as fast as the fp32 kernels) */
-#endif
-#ifndef SQ_BF16_MIN_M
-#define SQ_BF16_MIN_M 3 /* bf16 activations: batches from 3 take the vdpbf16ps kernel (at 2 the fp32 one
-                          * was as fast or faster: 1.04 vs 1.35 ms at 4096 x 4096, 1 thread) */
+#ifndef SQ_WORDS_MAX_M
+#define SQ_WORDS_MAX_M 2 /* AVX-512 BF16, 4-bit dense: batches up to this take the word-lane kernel, larger ones the
+                          * panel kernel (at batch 2 the panel kernel was no faster than the fp32 one: 1.04 vs
+                          * 1.35 ms at 4096 x 4096, 1 thread; the word-lane one takes 0.33 ms) */
 #endif
 #ifndef SQ_SMALL_M
 #define SQ_SMALL_M 6 /* AVX-512 2/3/4-bit: batches up to 6 take the fused small-batch kernels (measured for 4-bit:
@@ -1178,16 +1176,16 @@ static inline float bf16_value(uint16_t h) {
 
 /* x as the sum of two bfloat16 terms (T = 2): hi = x rounded to bf16, lo = (x - hi) rounded to bf16, so
  * |x - hi - lo| <= 2^-18 |x|. x - hi is exact in fp32. A finite x that would round to infinity keeps
- * its truncation as hi instead; an infinite or NaN x has lo = 0, so it passes through as with fp32. */
+ * its truncation as hi instead; an infinite or NaN x is truncated (a NaN kept quiet) and has lo = 0, so
+ * it passes through as with fp32. `split16_avx512` below computes the same bits 16 lanes at a time. */
 static void split_bf16(float v, uint16_t *hi, uint16_t *lo) {
+    uint32_t u; memcpy(&u, &v, 4);
     uint16_t h = bf16_round(v);
-    if ((h & 0x7F80u) == 0x7F80u && v - v == 0.0f) { /* finite, rounded to inf: truncate */
-        uint32_t u; memcpy(&u, &v, 4);
-        h = (uint16_t)(u >> 16);
-    }
-    const float r = v - bf16_value(h);
+    const int finite = (u & 0x7F800000u) != 0x7F800000u;
+    if (!finite || (h & 0x7F80u) == 0x7F80u) /* inf, NaN, or a finite value rounded to inf: truncate */
+        h = (uint16_t)(u >> 16) | (uint16_t)(!finite && (u & 0x7FFFFFu) ? 0x40u : 0u);
     *hi = h;
-    *lo = r - r == 0.0f ? bf16_round(r) : 0; /* inf - inf, NaN: no second term */
+    *lo = finite ? bf16_round(v - bf16_value(h)) : 0;
 }
 
 /* xp[(4d + q) T + u]: term u (T = 1: x itself; T = 2: hi, lo) of the x pair of dword d's nibbles q and
@@ -1198,13 +1196,13 @@ static void pairs_x_bf16(const float *x, int64_t K, uint32_t *xp, int T) {
         const int64_t base = 32 * (d / 4) + 4 * (d % 4);
         for (int q = 0; q < 4; q++) {
             const int64_t k = base + (q >> 1) + 16 * (q & 1);
-            if (T == 1) {
-                xp[4 * d + q] = (uint32_t)bf16_round(x[k]) | (uint32_t)bf16_round(x[k + 2]) << 16;
-                continue;
-            }
             uint16_t h0, l0, h1, l1;
             split_bf16(x[k], &h0, &l0);
             split_bf16(x[k + 2], &h1, &l1);
+            if (T == 1) {
+                xp[4 * d + q] = (uint32_t)h0 | (uint32_t)h1 << 16;
+                continue;
+            }
             xp[(4 * d + q) * 2] = (uint32_t)h0 | (uint32_t)h1 << 16;
             xp[(4 * d + q) * 2 + 1] = (uint32_t)l0 | (uint32_t)l1 << 16;
         }
@@ -1456,6 +1454,198 @@ T_BF16 static int gemm4_bf16_avx512(int n_threads, const int T, const float *x, 
     }
     free(wbuf);
     free(xp);
+    return SQ_OK;
+}
+
+/* Batches of 1 and 2 rows, 4-bit dense, AVX-512 BF16: "word lanes". The panel kernel above needs a
+ * broadcast of x per pair and batch row, which at batch 1-2 costs more than it saves (1.35 ms at 4096²
+ * against the fp32 nibble-lane row's 0.86). Here lanes are columns, as in the fp32 nibble-lane row, but
+ * the lookup is a `vpermw`: word w of 64 code bytes holds 4 nibbles; shifted right by 4j, its low 5 bits
+ * index the bf16 table (duplicated to 32 entries, so the next nibble's low bit does not matter), and one
+ * vpermw gives 32 bf16 weights, which one `vdpbf16ps` per x term multiplies in pairs. Per 128 weights:
+ * 3 shifts, 4 lookups and 4T dot products, against the fp32 row's 7 shifts, 8 `vpermps` and 8 FMAs, and
+ * on Zen 4 the lookups run beside the dot products (docs/kernels_cpu.md). fp32 x is split into hi + lo
+ * bf16 terms (T = 2, `split_bf16`), bf16 x is one term (T = 1).
+ *
+ * Word w of a chunk (128 columns, 64 bytes) is bytes 2w, 2w+1 of block w/8; byte i of a block holds
+ * weights i (low nibble) and i + 16, so nibble j of word w is column 32(w/8) + 2(w%8) + (j>>1) + 16(j&1).
+ * Dword lane l (words 2l, 2l+1) lies in block l/4 for every j, so the chunk's scales are the fp32
+ * nibble-lane row's (`nib_scales`). x is laid out once per call to match: xw[((c T + u) 4 + j) 32 + w]
+ * for chunk c, term u, nibble j; a partial last chunk is padded with zeros (its codes are loaded
+ * masked, so the padding meets code 0 and adds 0). */
+T_BF16 static inline __attribute__((always_inline)) __m512i bf16_round16(const __m512i u) {
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+}
+
+/* split_bf16 of 16 floats: the bits of hi and lo in the low words of 16 dwords. */
+T_BF16 static inline __attribute__((always_inline)) void split16_avx512(const __m512 v, __m512i *hi, __m512i *lo) {
+    const __m512i u = _mm512_castps_si512(v), e = _mm512_set1_epi32(0x7F800000);
+    const __mmask16 nonfinite = _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, e), e);
+    __m512i h = bf16_round16(u);
+    const __mmask16 trunc = nonfinite | _mm512_cmpeq_epi32_mask(_mm512_and_si512(h, _mm512_set1_epi32(0x7F80)),
+                                                                _mm512_set1_epi32(0x7F80));
+    h = _mm512_mask_mov_epi32(h, trunc, _mm512_srli_epi32(u, 16));
+    const __mmask16 nan = _mm512_mask_test_epi32_mask(nonfinite, u, _mm512_set1_epi32(0x7FFFFF));
+    h = _mm512_mask_or_epi32(h, nan, h, _mm512_set1_epi32(0x40));
+    *hi = h;
+    const __m512 r = _mm512_maskz_sub_ps((__mmask16)~nonfinite, v, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
+    *lo = bf16_round16(_mm512_castps_si512(r));
+}
+
+/* x laid out for the word-lane kernel (see above): per 128 columns, 8 loads, the split, and for each term
+ * 4 `vpermt2w` + 4 lane shuffles that pick column 32b + base_j + 2i (base_j = 0, 16, 1, 17) of block b
+ * into words 8b + i of vector j. Columns past K read as zeros (masked loads). */
+T_BF16 static void words_x_bf16(const float *x, int64_t K, int T, uint16_t *xw) {
+    __m512i sel[2]; /* sel[p]: words 0-15 for j = 2p, words 16-31 for j = 2p + 1, from a block pair */
+    for (int p = 0; p < 2; p++) {
+        uint16_t id[32];
+        for (int h = 0; h < 2; h++) {
+            const int j = 2 * p + h, base = (j >> 1) + 16 * (j & 1);
+            for (int i = 0; i < 16; i++) id[16 * h + i] = (uint16_t)(32 * (i / 8) + base + 2 * (i % 8));
+        }
+        sel[p] = _mm512_loadu_si512((const void *)id);
+    }
+    const int64_t chunks = (K + 127) / 128;
+    for (int64_t c = 0; c < chunks; c++) {
+        __m512i hw[4], lw[4]; /* block b's 32 columns as words */
+        for (int b = 0; b < 4; b++) {
+            __m512i h[2], l[2];
+            for (int e = 0; e < 2; e++) {
+                const int64_t k = 128 * c + 32 * b + 16 * e;
+                const int64_t left = K - k;
+                const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
+                split16_avx512(_mm512_maskz_loadu_ps(mk, x + (left > 0 ? k : 0)), &h[e], &l[e]);
+            }
+            hw[b] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(h[0])), _mm512_cvtepi32_epi16(h[1]), 1);
+            lw[b] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(l[0])), _mm512_cvtepi32_epi16(l[1]), 1);
+        }
+        for (int u = 0; u < T; u++) {
+            const __m512i *w = u ? lw : hw;
+            uint16_t *dst = xw + (c * T + u) * 128;
+            for (int p = 0; p < 2; p++) {
+                const __m512i lo2 = _mm512_permutex2var_epi16(w[0], sel[p], w[1]); /* blocks 0, 1 */
+                const __m512i hi2 = _mm512_permutex2var_epi16(w[2], sel[p], w[3]); /* blocks 2, 3 */
+                _mm512_storeu_si512((void *)(dst + 32 * (2 * p)), _mm512_shuffle_i64x2(lo2, hi2, 0x44));
+                _mm512_storeu_si512((void *)(dst + 32 * (2 * p + 1)), _mm512_shuffle_i64x2(lo2, hi2, 0xEE));
+            }
+        }
+    }
+}
+
+/* The scales of the chunk at column k (as nib_scales), for a last chunk with only `blocks` (1-3) blocks:
+ * a masked load, so no scale past the row's end is read. */
+T_BF16 static inline __attribute__((always_inline)) __m512 words_tail_scales(const float *srow, int64_t k, int group,
+                                                                            int blocks) {
+    if (group >= 128) return _mm512_set1_ps(srow[k / group]);
+    const int per = group / 32, n = (blocks + per - 1) / per; /* scales the chunk's blocks use */
+    const __m512 s = _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), srow + k / group);
+    return group == 64
+               ? _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), s)
+               : _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0), s);
+}
+
+/* R consecutive weight rows against MB rows of x laid out by words_x_bf16 (stride xs words): out[r MB + m].
+ * R, MB, T and group are compile-time constants in every caller. */
+T_BF16 static inline __attribute__((always_inline)) void
+words_rows(const uint8_t *row, const float *scales, const __m512i table, int group, int64_t K, const uint16_t *xw,
+           int64_t xs, float *out, const int R, const int MB, const int T) {
+    const int64_t rs = K / 2, ss = K / group, full = K / 128;
+    __m512 tot[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < R * MB; i++) tot[i] = _mm512_setzero_ps();
+    const int tail_blocks = (int)((K % 128) / 32);
+    for (int64_t c = 0; c < full + (tail_blocks > 0); c++) {
+        const int64_t k = 128 * c;
+        const int tail = c == full;
+        __m512i v[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const uint8_t *src = row + r * rs + k / 2;
+            if (tail) v[r] = _mm512_maskz_loadu_epi8((__mmask64)((1ull << (16 * tail_blocks)) - 1ull), src);
+            else {
+                _mm_prefetch((const char *)src + SQ_PREFETCH, _MM_HINT_T0);
+                v[r] = _mm512_loadu_si512((const void *)src);
+            }
+        }
+        __m512 a[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 2 * R * MB; i++) a[i] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) {
+            __m512bh w[4];
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++)
+                w[r] = (__m512bh)_mm512_permutexvar_epi16(j ? _mm512_srli_epi16(v[r], 4 * j) : v[r], table);
+#pragma GCC unroll 2
+            for (int m = 0; m < MB; m++)
+#pragma GCC unroll 2
+                for (int u = 0; u < T; u++) {
+                    const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xw + m * xs + ((c * T + u) * 4 + j) * 32));
+#pragma GCC unroll 4
+                    for (int r = 0; r < R; r++) {
+                        const int i = 2 * (r * MB + m) + (j & 1);
+                        a[i] = _mm512_dpbf16_ps(a[i], w[r], xv);
+                    }
+                }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const __m512 sv = tail ? words_tail_scales(scales + r * ss, k, group, tail_blocks)
+                                   : nib_scales(scales + r * ss, k, group);
+#pragma GCC unroll 2
+            for (int m = 0; m < MB; m++) {
+                const int i = r * MB + m;
+                tot[i] = _mm512_fmadd_ps(_mm512_add_ps(a[2 * i], a[2 * i + 1]), sv, tot[i]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R * MB; i++) out[i] = _mm512_reduce_add_ps(tot[i]);
+}
+
+T_BF16 static void words_rows_g(const uint8_t *row, const float *scales, const __m512i table, int group, int64_t K,
+                                const uint16_t *xw, int64_t xs, float *out, int R, int MB, int T) {
+    const int g = group == 32 ? 0 : group == 64 ? 1 : group == 128 ? 2 : 3; /* linear_impl admits only these */
+    switch (((g * 3 + (R == 1 ? 0 : R == 2 ? 1 : 2)) * 2 + (MB - 1)) * 2 + (T - 1)) {
+#define SQ_W(G, GI, RR, RI) \
+    case ((GI * 3 + RI) * 2 + 0) * 2 + 0: words_rows(row, scales, table, G, K, xw, xs, out, RR, 1, 1); break; \
+    case ((GI * 3 + RI) * 2 + 0) * 2 + 1: words_rows(row, scales, table, G, K, xw, xs, out, RR, 1, 2); break; \
+    case ((GI * 3 + RI) * 2 + 1) * 2 + 0: words_rows(row, scales, table, G, K, xw, xs, out, RR, 2, 1); break; \
+    case ((GI * 3 + RI) * 2 + 1) * 2 + 1: words_rows(row, scales, table, G, K, xw, xs, out, RR, 2, 2); break;
+#define SQ_WG(G, GI) SQ_W(G, GI, 1, 0) SQ_W(G, GI, 2, 1) SQ_W(G, GI, 4, 2)
+    SQ_WG(32, 0) SQ_WG(64, 1) SQ_WG(128, 2) SQ_WG(256, 3)
+#undef SQ_WG
+#undef SQ_W
+    }
+}
+
+/* Batch 1 or 2 (M), 4-bit dense, bf16 table: rows in fours when K >= 6144 (each x load then serves four
+ * rows; with x in L1 one row stream reads DRAM faster, as for the fp32 nibble-lane row). */
+T_BF16 static int gemv4_words_avx512(int n_threads, const int T, const float *x, int64_t M, int64_t N, int64_t K,
+                                     int group, const uint8_t *codes, const float *scales, const float *lut,
+                                     const float *t, const float *L, int64_t rank, const float *bias, float *y) {
+    const int64_t xs = (K + 127) / 128 * 128 * T; /* words per row of laid-out x */
+    uint16_t *xw = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (size_t)(M * xs));
+    if (!xw) return SQ_ENOMEM;
+    for (int64_t m = 0; m < M; m++) words_x_bf16(x + m * K, K, T, xw + m * xs);
+    uint16_t tw[32];
+    for (int i = 0; i < 32; i++) tw[i] = (uint16_t)(bf16_round(lut[i & 15])); /* exact: lut_is_bf16 */
+    const __m512i table = _mm512_loadu_si512((const void *)tw);
+    const int MB = (int)M;
+    const int RB = 4;
+    const int64_t quads = N / RB, units = quads + (N - RB * quads);
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int64_t u = 0; u < units; u++) {
+        const int64_t n0 = u < quads ? RB * u : RB * quads + (u - quads);
+        const int R = u < quads ? RB : 1;
+        float acc[8];
+        words_rows_g(codes + n0 * (K / 2), scales + n0 * (K / group), table, group, K, xw, xs, acc, R, MB, T);
+        for (int r = 0; r < R; r++)
+            for (int m = 0; m < MB; m++)
+                y[m * N + n0 + r] = finish_avx512(acc[r * MB + m], m, n0 + r, bias, t, L, rank);
+    }
+    free(xw);
     return SQ_OK;
 }
 
@@ -2184,10 +2374,12 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
         free(t);
         return SQ_OK;
     }
-    if (bits == 4 && !sparsity && isa == ISA_AVX512 && M >= SQ_BF16_MIN_M && cpu_has_bf16() && lut_is_bf16(lut, 16)) {
-        const int T = (flags & SQ_FLAG_BF16_X) ? 1 : (flags & SQ_FLAG_EXACT) || M < SQ_SPLIT_MIN_M ? 0 : 2;
+    if (bits == 4 && !sparsity && isa == ISA_AVX512 && cpu_has_bf16() && lut_is_bf16(lut, 16)) {
+        const int T = (flags & SQ_FLAG_BF16_X) ? 1 : (flags & SQ_FLAG_EXACT) ? 0 : 2;
         if (T) {
-            int rc = gemm4_bf16_avx512(n_threads, T, x, M, N, K, group, codes, scales, lut, t, L, rank, bias, y);
+            int rc = M <= SQ_WORDS_MAX_M
+                         ? gemv4_words_avx512(n_threads, T, x, M, N, K, group, codes, scales, lut, t, L, rank, bias, y)
+                         : gemm4_bf16_avx512(n_threads, T, x, M, N, K, group, codes, scales, lut, t, L, rank, bias, y);
             free(t);
             return rc;
         }

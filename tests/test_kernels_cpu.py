@@ -153,7 +153,7 @@ BF16_KERNEL = "avx512" in ISAS and bool(library.load().sqlora_cpu_bf16_supported
 
 @pytest.mark.skipif(not BF16_KERNEL, reason="the bf16 kernel needs an AVX-512 BF16 CPU")
 @pytest.mark.parametrize("group,k", [(64, 192), (32, 96), (32, 1056), (128, 384), (256, 512)])
-@pytest.mark.parametrize("m", [3, 8, 17, 40])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 17, 40])
 def test_bf16_inputs_take_the_exact_bf16_kernel(monkeypatch, group, k, m):
     from sqlora_hf.kernels.cpu import ops, prepared
 
@@ -175,7 +175,7 @@ def test_bf16_inputs_take_the_exact_bf16_kernel(monkeypatch, group, k, m):
 
 @pytest.mark.skipif(not BF16_KERNEL, reason="the bf16 kernel needs an AVX-512 BF16 CPU")
 @pytest.mark.parametrize("group,k", [(64, 192), (32, 1056), (256, 512)])
-@pytest.mark.parametrize("m", [3, 8, 17, 31])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 17, 31])
 def test_fp32_batches_split_into_two_bf16_terms(monkeypatch, group, k, m):
     monkeypatch.setenv("SQLORA_CPU_ISA", "avx512")
     module = make_layer(53, k, 4, group, None, rank=3, bias=True)

@@ -321,6 +321,15 @@ int main(void) {
                     checks++; /* fp32 x split into two bf16 terms (from 4 rows) */
                     failures += !check_bf16_case(g, m + 1, 53, 3 * g, m == 11 ? 0 : 4, m == 19 ? 2 : 1, 1);
                 }
+            for (int gi = 0; gi < 4; gi++) /* batches 1 and 2: the word-lane kernel; K = 3g, and 3g + 128 for */
+                for (int64_t m = 1; m <= 2; m++) /* full 128-column chunks followed by a 1-3 block tail */
+                    for (int kk = 0; kk < 2; kk++)
+                        for (int split = 0; split < 2; split++) {
+                            const int g = bgroups[gi];
+                            const int64_t K = 3 * g + (kk && g <= 128 ? 128 : 0) + (kk && g == 256 ? 256 : 0);
+                            checks++; /* N = 53: 13 blocks of 4 rows and one row on its own */
+                            failures += !check_bf16_case(g, m, 53, K, kk ? 3 : 0, kk ? 2 : 1, split);
+                        }
             checks += 4; /* 8 rows: one pass of the fused kernel; 24: three passes over decoded panels */
             failures += !check_bf16_case(64, 8, 64, 4096, 0, 2, 0);
             failures += !check_bf16_case(128, 24, 80, 2048, 2, 2, 0);

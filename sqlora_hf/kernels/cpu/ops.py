@@ -58,9 +58,9 @@ FLAG_EXACT = 8  # SQ_FLAG_EXACT: fp32 x keeps fp32 arithmetic (no two-term bf16 
 
 def exact_flag() -> int:
     """`SQLORA_CPU_EXACT=1`: fp32 inputs keep exact fp32 arithmetic at every batch size. By default, on
-    AVX-512 BF16 CPUs, 4-bit dense batches of 3 to SQLORA_CPU_GEMM_MIN_ROWS - 1 rows split x into two bf16
-    terms (hi + lo) for the vdpbf16ps kernel: 1.2-1.6x faster, ~2.5e-6 relative error instead of ~1e-7
-    (docs/kernels_cpu.md). Larger batches use the fp32 BLAS tiles either way."""
+    AVX-512 BF16 CPUs, 4-bit dense layers with a bf16 table split x into two bf16 terms (hi + lo) for the
+    vdpbf16ps kernels at batches of 1 to SQLORA_CPU_GEMM_MIN_ROWS - 1 rows: 1.2-2x faster, ~2.5e-6
+    relative error instead of ~1e-7 (docs/kernels_cpu.md). Larger batches use the fp32 BLAS tiles either way."""
     env = os.environ.get("SQLORA_CPU_EXACT")
     if not env or env == "0":
         return 0
@@ -255,7 +255,7 @@ def run_flat(d: Described, x: torch.Tensor, bf16_x: bool = False) -> torch.Tenso
     bf16-exact table take the exact `vdpbf16ps` kernel at small batches (docs/kernels_cpu.md)."""
     lib = library.load()
     m = x.numel() // d.k
-    exact = exact_flag() if m > 1 else 0  # (decode skips the variable; C ignores it for one row)
+    exact = exact_flag()
     if m > 1 and d.k <= _TILE_FLOATS:  # (decode, m = 1, skips the variable; a row wider than a tile keeps the kernel)
         big = gemm_min_rows()
         # bf16 batches of a layer the vdpbf16ps kernel takes stay on it at every size (1.7-2x faster than
