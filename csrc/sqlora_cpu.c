@@ -10,8 +10,9 @@
  *   - the low-rank term is computed as t = x R^T first (M x r), then fused into each row's output.
  * Weights are exact fp32 products of table value and fp32 scale, as in the reference dequantizer,
  * so only the summation order differs from `F.linear(x, dequantize())`. The exception is the AVX-512
- * BF16 batch kernel (gemm4_bf16_avx512): exact for bf16 inputs, and within 2^-18 per x value for fp32
- * ones, which it splits into two bf16 terms (SQ_FLAG_EXACT turns that off).
+ * BF16 kernels of 4-bit dense layers (gemv4_words_avx512 for batches of 1-2, gemm4_bf16_avx512 for
+ * more): exact for bf16 inputs, and within 2^-18 per x value for fp32 ones, which they split into two
+ * bf16 terms (SQ_FLAG_EXACT turns that off).
  *
  * The caller (sqlora_hf/kernels/cpu) validates every buffer length before calling; the kernel
  * re-checks the lengths it is told about and returns a negative code instead of reading past them.
@@ -256,7 +257,11 @@ T_AVX512 static void decode_row_avx512(const uint8_t *row, int bits, const float
 }
 /* Batch-1 kernels stream every row once; the hardware prefetcher alone leaves the single-threaded int8
  * path waiting on memory (4096x4096 g64 on the dev VM: 944 -> 785 us with this, min of 9; the exact
- * path is compute-bound and gains ~4 %). Prefetches past the end of a buffer are harmless hints. */
+ * path is compute-bound and gains ~4 %). Prefetches past the end of a buffer are harmless hints. The 4-bit
+ * dense kernels of batches 1-2 (nibble and word lanes) prefetch the same columns 4 rows ahead instead: a row
+ * is only 2 KB at K = 4096, so 2 KB ahead is the next row, already streaming (cold weights, 1 thread: Zen 4
+ * 0.39 -> 0.32 ms at 4096^2 and 1.28 -> 0.89 at 4096 x 11008; Xeon (Emerald Rapids) 1.07-1.38x faster at
+ * batch 1, unchanged at batches 2-16). */
 #define SQ_PREFETCH 2048
 #define SQ_BF16_MB 8 /* rows of x per pass of the bf16 kernel (the dispatch instantiates 1..8, not more) */
 #ifndef SQ_WORDS_MAX_M
@@ -1038,7 +1043,7 @@ nib_block_avx512(const uint8_t *row, const float *scales, const __m512 table, in
         __m512 a0[4], a1[4];
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(row + r * rs + k / 2) + SQ_PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)(row + r * rs + k / 2) + 4 * rs, _MM_HINT_T0); /* 4 rows on */
             v[r] = _mm512_loadu_si512((const void *)(row + r * rs + k / 2));
         }
 #pragma GCC unroll 8
@@ -1143,7 +1148,7 @@ T_AVX512 static int gemm4_avx512(int n_threads, const float *x, int64_t M, int64
  * every x value is a bfloat16 (a bf16 model: flag SQ_FLAG_BF16_X) and the table is bfloat16-exact
  * (format 2's codebook), so every product is exact and only the fp32 summation order differs from the
  * float32 reference (the reference backend itself rounds the weights to bf16 for bf16 inputs).
- * fp32 x (batches of SQ_SPLIT_MIN_M rows or more, unless SQ_FLAG_EXACT) is split into two bf16 terms,
+ * fp32 x (batches of more than SQ_WORDS_MAX_M rows, unless SQ_FLAG_EXACT) is split into two bf16 terms,
  * x = hi + lo + e with |e| <= 2^-18 |x| (`split_bf16`), and both terms meet the same looked-up weights:
  * twice the dot products, still 1.2-1.6x faster than the fp32 kernels at batches 3-24, ~2.5e-6
  * relative error on the outputs (the fp32 kernels: ~1e-7; the issue's bound for the default: 1e-4).
@@ -1564,7 +1569,7 @@ words_rows(const uint8_t *row, const float *scales, const __m512i table, int gro
             const uint8_t *src = row + r * rs + k / 2;
             if (tail) v[r] = _mm512_maskz_loadu_epi8((__mmask64)((1ull << (16 * tail_blocks)) - 1ull), src);
             else {
-                _mm_prefetch((const char *)src + SQ_PREFETCH, _MM_HINT_T0);
+                _mm_prefetch((const char *)src + 4 * rs, _MM_HINT_T0); /* the same columns 4 rows on */
                 v[r] = _mm512_loadu_si512((const void *)src);
             }
         }
@@ -1607,21 +1612,24 @@ words_rows(const uint8_t *row, const float *scales, const __m512i table, int gro
 T_BF16 static void words_rows_g(const uint8_t *row, const float *scales, const __m512i table, int group, int64_t K,
                                 const uint16_t *xw, int64_t xs, float *out, int R, int MB, int T) {
     const int g = group == 32 ? 0 : group == 64 ? 1 : group == 128 ? 2 : 3; /* linear_impl admits only these */
-    switch (((g * 3 + (R == 1 ? 0 : R == 2 ? 1 : 2)) * 2 + (MB - 1)) * 2 + (T - 1)) {
+    switch (((g * 2 + (R == 4)) * 2 + (MB - 1)) * 2 + (T - 1)) { /* R: 1 or 4 */
 #define SQ_W(G, GI, RR, RI) \
-    case ((GI * 3 + RI) * 2 + 0) * 2 + 0: words_rows(row, scales, table, G, K, xw, xs, out, RR, 1, 1); break; \
-    case ((GI * 3 + RI) * 2 + 0) * 2 + 1: words_rows(row, scales, table, G, K, xw, xs, out, RR, 1, 2); break; \
-    case ((GI * 3 + RI) * 2 + 1) * 2 + 0: words_rows(row, scales, table, G, K, xw, xs, out, RR, 2, 1); break; \
-    case ((GI * 3 + RI) * 2 + 1) * 2 + 1: words_rows(row, scales, table, G, K, xw, xs, out, RR, 2, 2); break;
-#define SQ_WG(G, GI) SQ_W(G, GI, 1, 0) SQ_W(G, GI, 2, 1) SQ_W(G, GI, 4, 2)
+    case ((GI * 2 + RI) * 2 + 0) * 2 + 0: words_rows(row, scales, table, G, K, xw, xs, out, RR, 1, 1); break; \
+    case ((GI * 2 + RI) * 2 + 0) * 2 + 1: words_rows(row, scales, table, G, K, xw, xs, out, RR, 1, 2); break; \
+    case ((GI * 2 + RI) * 2 + 1) * 2 + 0: words_rows(row, scales, table, G, K, xw, xs, out, RR, 2, 1); break; \
+    case ((GI * 2 + RI) * 2 + 1) * 2 + 1: words_rows(row, scales, table, G, K, xw, xs, out, RR, 2, 2); break;
+#define SQ_WG(G, GI) SQ_W(G, GI, 1, 0) SQ_W(G, GI, 4, 1)
     SQ_WG(32, 0) SQ_WG(64, 1) SQ_WG(128, 2) SQ_WG(256, 3)
 #undef SQ_WG
 #undef SQ_W
     }
 }
 
-/* Batch 1 or 2 (M), 4-bit dense, bf16 table: rows in fours when K >= 6144 (each x load then serves four
- * rows; with x in L1 one row stream reads DRAM faster, as for the fp32 nibble-lane row). */
+/* Batch 1 or 2 (M), 4-bit dense, bf16 table. Rows go in fours only when K >= 6144 (each x load then serves
+ * four rows), one at a time otherwise, as in the fp32 nibble-lane kernel; both prefetch the same columns
+ * 4 rows ahead. Side by side on cold weights (1 thread, Zen 4): with the old 2 KB-ahead prefetch (which at
+ * K = 4096 points into the row that is already being read), four rows took 0.6 ms at 4096^2 against 0.31
+ * for one row with the 4-rows-ahead prefetch. */
 T_BF16 static int gemv4_words_avx512(int n_threads, const int T, const float *x, int64_t M, int64_t N, int64_t K,
                                      int group, const uint8_t *codes, const float *scales, const float *lut,
                                      const float *t, const float *L, int64_t rank, const float *bias, float *y) {
@@ -1633,12 +1641,11 @@ T_BF16 static int gemv4_words_avx512(int n_threads, const int T, const float *x,
     for (int i = 0; i < 32; i++) tw[i] = (uint16_t)(bf16_round(lut[i & 15])); /* exact: lut_is_bf16 */
     const __m512i table = _mm512_loadu_si512((const void *)tw);
     const int MB = (int)M;
-    const int RB = 4;
-    const int64_t quads = N / RB, units = quads + (N - RB * quads);
+    const int64_t quads = K >= 6144 ? N / 4 : 0, units = quads + (N - 4 * quads);
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
     for (int64_t u = 0; u < units; u++) {
-        const int64_t n0 = u < quads ? RB * u : RB * quads + (u - quads);
-        const int R = u < quads ? RB : 1;
+        const int64_t n0 = u < quads ? 4 * u : 4 * quads + (u - quads);
+        const int R = u < quads ? 4 : 1;
         float acc[8];
         words_rows_g(codes + n0 * (K / 2), scales + n0 * (K / group), table, group, K, xw, xs, acc, R, MB, T);
         for (int r = 0; r < R; r++)
