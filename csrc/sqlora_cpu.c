@@ -1027,20 +1027,20 @@ finish_avx512(float v, int64_t m, int64_t n, const float *bias, const float *t, 
 
 /* R consecutive weight rows (codes at stride K/2, scales at K/group) against MB rows of permuted x
  * (stride K): out[r * MB + m]. R x MB is 4x1 (long rows at batch 1: each x load serves 4 rows), or
- * 1 x MB for MB = 1, 2, 4 (small batches: one weight row's lookups serve MB rows of x, and the weights are
- * never stored decoded). R, MB and group are compile-time constants in every caller (`nib_block`): with
+ * R x MB for R = 1, 2 and MB = 1, 2, 4 (small batches: one weight row's lookups serve MB rows of x, each x
+ * load serves R weight rows, and the weights are never stored decoded). R, MB and group are compile-time constants in every caller (`nib_block`): with
  * a run-time group the scale index cost an integer division per chunk. */
 T_AVX512 static inline __attribute__((always_inline)) void
 nib_block_avx512(const uint8_t *row, const float *scales, const __m512 table, int group, int64_t K,
                  const float *xp, float *out, const int R, const int MB) {
     const int64_t rs = K / 2, ss = K / group;
-    __m512 tot[4];
-#pragma GCC unroll 4
+    __m512 tot[8];
+#pragma GCC unroll 8
     for (int i = 0; i < R * MB; i++) tot[i] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 128 <= K; k += 128) {
         __m512i v[4];
-        __m512 a0[4], a1[4];
+        __m512 a0[8], a1[8];
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             _mm_prefetch((const char *)(row + r * rs + k / 2) + 4 * rs, _MM_HINT_T0); /* 4 rows on */
@@ -1089,16 +1089,17 @@ nib_block_avx512(const uint8_t *row, const float *scales, const __m512 table, in
                 tot[r * MB + m] = _mm512_fmadd_ps(p, sv, tot[r * MB + m]);
             }
         }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int i = 0; i < R * MB; i++) out[i] = _mm512_reduce_add_ps(tot[i]);
 }
 
 T_AVX512 static void nib_block(const uint8_t *row, const float *scales, const __m512 table, int group, int64_t K,
                                const float *xp, float *out, int R, int MB) {
-#define SQ_NIB(G) (R == 4 ? nib_block_avx512(row, scales, table, G, K, xp, out, 4, 1)   \
-                   : MB == 4 ? nib_block_avx512(row, scales, table, G, K, xp, out, 1, 4) \
-                   : MB == 2 ? nib_block_avx512(row, scales, table, G, K, xp, out, 1, 2) \
-                             : nib_block_avx512(row, scales, table, G, K, xp, out, 1, 1))
+#define SQ_NIB_R(G, RR) (MB == 4 ? nib_block_avx512(row, scales, table, G, K, xp, out, RR, 4) \
+                         : MB == 2 ? nib_block_avx512(row, scales, table, G, K, xp, out, RR, 2) \
+                                   : nib_block_avx512(row, scales, table, G, K, xp, out, RR, 1))
+#define SQ_NIB(G) (R == 4 ? nib_block_avx512(row, scales, table, G, K, xp, out, 4, 1) \
+                   : R == 2 ? SQ_NIB_R(G, 2) : SQ_NIB_R(G, 1))
     switch (group) {
     case 32: SQ_NIB(32); break;
     case 64: SQ_NIB(64); break;
@@ -1106,12 +1107,13 @@ T_AVX512 static void nib_block(const uint8_t *row, const float *scales, const __
     default: SQ_NIB(256); break; /* linear_impl admits only 32, 64, 128, 256 */
     }
 #undef SQ_NIB
+#undef SQ_NIB_R
 }
 
 /* Batches 1..SQ_SMALL_M, 4-bit dense. Each row of x is permuted once per call. At batch 1, long rows
  * (K >= 6144) go in fours: with x (4K bytes) in L1, four interleaved row streams were slower from DRAM
- * than one (0.80x at 4096 x 4096), at K = 11008 1.40x faster. Otherwise each weight row meets the batch
- * in blocks of 4, 2 and 1 rows of x. */
+ * than one (0.80x at 4096 x 4096), at K = 11008 1.40x faster. At larger batches pairs of weight rows meet
+ * the batch in blocks of 4, 2 and 1 rows of x. */
 T_AVX512 static int gemm4_avx512(int n_threads, const float *x, int64_t M, int64_t N, int64_t K, int group,
                                  const uint8_t *codes, const float *scales, const float *lut, const float *t,
                                  const float *L, int64_t rank, const float *bias, float *y) {
@@ -1119,22 +1121,24 @@ T_AVX512 static int gemm4_avx512(int n_threads, const float *x, int64_t M, int64
     if (!xp) return SQ_ENOMEM;
     for (int64_t m = 0; m < M; m++) permute_x_nib(x + m * K, K, xp + m * K);
     const __m512 table = _mm512_loadu_ps(lut);
-    const int64_t quads = M == 1 && K >= 6144 ? N / 4 : 0, units = quads + (N - 4 * quads);
+    /* Weight rows go in blocks of RB, so that each x load serves RB rows: 4 for long rows at batch 1, and
+     * pairs at batches of 2+ (exact path, 1 thread, cold weights, pairs vs single rows: 1.1-1.6x faster at
+     * batches 2/4/6 from 1536 x 576 to 4096 x 11008, 2026-12-07); then single rows. */
+    const int RB = M == 1 ? (K >= 6144 ? 4 : 1) : 2;
+    const int64_t blocks = RB > 1 ? N / RB : 0, units = blocks + (N - RB * blocks);
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
     for (int64_t u = 0; u < units; u++) {
-        const int64_t n0 = u < quads ? 4 * u : 4 * quads + (u - quads);
+        const int R = u < blocks ? RB : 1;
+        const int64_t n0 = u < blocks ? RB * u : RB * blocks + (u - blocks);
         const uint8_t *row = codes + n0 * (K / 2);
         const float *srow = scales + n0 * (K / group);
-        float acc[4];
-        if (u < quads) {
-            nib_block(row, srow, table, group, K, xp, acc, 4, 1);
-            for (int r = 0; r < 4; r++) y[n0 + r] = finish_avx512(acc[r], 0, n0 + r, bias, t, L, rank);
-            continue;
-        }
+        float acc[8]; /* R x mb <= 8 */
         for (int64_t m0 = 0; m0 < M;) {
-            const int mb = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;
-            nib_block(row, srow, table, group, K, xp + m0 * K, acc, 1, mb);
-            for (int j = 0; j < mb; j++) y[(m0 + j) * N + n0] = finish_avx512(acc[j], m0 + j, n0, bias, t, L, rank);
+            const int mb = R == 4 ? 1 : M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;
+            nib_block(row, srow, table, group, K, xp + m0 * K, acc, R, mb);
+            for (int r = 0; r < R; r++)
+                for (int j = 0; j < mb; j++)
+                    y[(m0 + j) * N + n0 + r] = finish_avx512(acc[r * mb + j], m0 + j, n0 + r, bias, t, L, rank);
             m0 += mb;
         }
     }
@@ -1148,10 +1152,11 @@ T_AVX512 static int gemm4_avx512(int n_threads, const float *x, int64_t M, int64
  * every x value is a bfloat16 (a bf16 model: flag SQ_FLAG_BF16_X) and the table is bfloat16-exact
  * (format 2's codebook), so every product is exact and only the fp32 summation order differs from the
  * float32 reference (the reference backend itself rounds the weights to bf16 for bf16 inputs).
- * fp32 x (batches of more than SQ_WORDS_MAX_M rows, unless SQ_FLAG_EXACT) is split into two bf16 terms,
+ * fp32 x (batches of more than SQ_SMALL_M rows, unless SQ_FLAG_EXACT) is split into two bf16 terms,
  * x = hi + lo + e with |e| <= 2^-18 |x| (`split_bf16`), and both terms meet the same looked-up weights:
- * twice the dot products, still 1.2-1.6x faster than the fp32 kernels at batches 3-24, ~2.5e-6
+ * twice the dot products, still 1.2-1.6x faster than the fp32 kernels at batches 7-24, ~2.5e-6
  * relative error on the outputs (the fp32 kernels: ~1e-7; the issue's bound for the default: 1e-4).
+ * Batches of 3..SQ_SMALL_M rows take the exact row-pair kernel instead, which is no slower there.
  *
  * Layout: lanes are 16 weight rows (a panel), not columns, so no horizontal sums are needed and a
  * group's scale is one vector (one FMA per group and batch row). The panel's codes are loaded 64
@@ -2382,7 +2387,10 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
         return SQ_OK;
     }
     if (bits == 4 && !sparsity && isa == ISA_AVX512 && cpu_has_bf16() && lut_is_bf16(lut, 16)) {
-        const int T = (flags & SQ_FLAG_BF16_X) ? 1 : (flags & SQ_FLAG_EXACT) ? 0 : 2;
+        int T = (flags & SQ_FLAG_BF16_X) ? 1 : (flags & SQ_FLAG_EXACT) ? 0 : 2;
+        /* fp32 batches of 3..SQ_SMALL_M rows: the exact row-pair kernel (gemm4_avx512) is as fast or faster
+         * than the split (1.0-1.6x, 1 and 2 threads, 1536 x 576 to 4096 x 11008, 2026-12-07) */
+        if (T == 2 && M > SQ_WORDS_MAX_M && M <= SQ_SMALL_M) T = 0;
         if (T) {
             int rc = M <= SQ_WORDS_MAX_M
                          ? gemv4_words_avx512(n_threads, T, x, M, N, K, group, codes, scales, lut, t, L, rank, bias, y)

@@ -175,7 +175,7 @@ def test_bf16_inputs_take_the_exact_bf16_kernel(monkeypatch, group, k, m):
 
 @pytest.mark.skipif(not BF16_KERNEL, reason="the bf16 kernel needs an AVX-512 BF16 CPU")
 @pytest.mark.parametrize("group,k", [(64, 192), (32, 1056), (256, 512)])
-@pytest.mark.parametrize("m", [1, 2, 3, 8, 17, 31])
+@pytest.mark.parametrize("m", [1, 2, 3, 6, 7, 8, 17, 31])
 def test_fp32_batches_split_into_two_bf16_terms(monkeypatch, group, k, m):
     monkeypatch.setenv("SQLORA_CPU_ISA", "avx512")
     module = make_layer(53, k, 4, group, None, rank=3, bias=True)
@@ -186,7 +186,22 @@ def test_fp32_batches_split_into_two_bf16_terms(monkeypatch, group, k, m):
     monkeypatch.setenv("SQLORA_CPU_EXACT", "1")
     exact = run(module, x, "cpu")
     assert_close_rel(exact, ref, tol=2e-6)
-    assert not torch.equal(split, exact)  # the split path really ran by default
+    if 3 <= m <= 6:  # batches of 3-6 rows take the exact row-pair kernel by default (no slower there)
+        assert torch.equal(split, exact)
+    else:
+        assert not torch.equal(split, exact)  # the split path really ran by default
+
+
+@pytest.mark.parametrize("group,k", [(64, 192), (32, 1056), (128, 384), (256, 6400), (64, 6208)])
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 6])
+def test_exact_small_batches_in_row_pairs(isa, monkeypatch, group, k, m):
+    # The exact small-batch path (what AVX-512 CPUs without BF16 run by default) takes weight rows in pairs
+    # against blocks of 4, 2 and 1 rows of x; N = 37 leaves one single row at the end.
+    monkeypatch.setenv("SQLORA_CPU_EXACT", "1")
+    module = make_layer(37, k, 4, group, None, rank=3, bias=True, seed=m)
+    x = torch.randn(m, k)
+    ref = run(module, x.double(), "reference").float()
+    assert_close_rel(run(module, x, "cpu"), ref, tol=2e-6)
 
 
 def test_exact_flag_must_be_0_or_1(monkeypatch):

@@ -59,8 +59,9 @@ FLAG_EXACT = 8  # SQ_FLAG_EXACT: fp32 x keeps fp32 arithmetic (no two-term bf16 
 def exact_flag() -> int:
     """`SQLORA_CPU_EXACT=1`: fp32 inputs keep exact fp32 arithmetic at every batch size. By default, on
     AVX-512 BF16 CPUs, 4-bit dense layers with a bf16 table split x into two bf16 terms (hi + lo) for the
-    vdpbf16ps kernels at batches of 1 to SQLORA_CPU_GEMM_MIN_ROWS - 1 rows: 1.2-2x faster, ~2.5e-6
-    relative error instead of ~1e-7 (docs/kernels_cpu.md). Larger batches use the fp32 BLAS tiles either way."""
+    vdpbf16ps kernels at batches of 1-2 and of 7 to SQLORA_CPU_GEMM_MIN_ROWS - 1 rows: up to 1.2-1.6x
+    faster, ~2.5e-6 relative error instead of ~1e-7 (docs/kernels_cpu.md). Batches of 3-6 rows take the
+    exact kernel, which is no slower there; larger batches use the fp32 BLAS tiles either way."""
     env = os.environ.get("SQLORA_CPU_EXACT")
     if not env or env == "0":
         return 0
