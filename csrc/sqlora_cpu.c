@@ -1765,72 +1765,90 @@ static void permute_x_crumb(const float *x, int64_t K, float *xp) {
     for (; c < K; c++) xp[c] = x[c];
 }
 
-/* One weight row against MB rows of permuted x (row stride K): MB is 1, 2 or 4, a compile-time constant. */
+/* R weight rows (R = 1 or 2; codes at stride rb bytes, scales at stride spr) against MB rows of permuted x
+ * (row stride K; MB = 1, 2 or 4): out[r * MB + m]. R and MB are compile-time constants in every caller. */
 T_AVX512 static inline __attribute__((always_inline)) void
 row_dot23_avx512(const uint8_t *row, const int bits, const __m512 table, const lut23_avx2_t *T, const float *scales,
-                 int gshift, const __m512i sidx, const __mmask16 smask, int group, int64_t K, const float *xp,
-                 float *out, const int MB) {
+                 int gshift, const __m512i sidx, const __mmask16 smask, int group, int64_t K, int64_t rb, int64_t spr,
+                 const float *xp, float *out, const int R, const int MB) {
     const int64_t bpb = 4 * bits; /* bytes per block */
     const __m512i pidx = _mm512_set_epi32(22, 21, 19, 18, 16, 15, 13, 12, 10, 9, 7, 6, 4, 3, 1, 0); /* 3(l/2) + l%2 */
     const __m512i hidx = _mm512_set_epi32(23, 23, 20, 20, 17, 17, 14, 14, 11, 11, 8, 8, 5, 5, 2, 2); /* 3(l/2) + 2 */
     const __m512i hshift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);         /* 4(l%2) */
-    __m512 tot[4];
-#pragma GCC unroll 4
-    for (int m = 0; m < MB; m++) tot[m] = _mm512_setzero_ps();
+    __m512 tot[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < R * MB; i++) tot[i] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 256 <= K; k += 256) {
-        const uint8_t *b = row + k / 32 * bpb;
-        _mm_prefetch((const char *)(b + SQ_PREFETCH), _MM_HINT_T0);
-        if (bits == 3) _mm_prefetch((const char *)(b + SQ_PREFETCH + 64), _MM_HINT_T0);
-        __m512i v, h = _mm512_setzero_si512();
-        if (bits == 2) {
-            v = _mm512_loadu_si512((const void *)b);
-        } else {
-            const __m512i lo = _mm512_loadu_si512((const void *)b), hi = _mm512_maskz_loadu_epi32(0x00FF, b + 64);
-            v = _mm512_permutex2var_epi32(lo, pidx, hi);
-            h = _mm512_srlv_epi32(_mm512_permutex2var_epi32(lo, hidx, hi), hshift);
+        __m512i v[2], h[2];
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++) {
+            const uint8_t *b = row + r * rb + k / 32 * bpb;
+            _mm_prefetch((const char *)(b + SQ_PREFETCH), _MM_HINT_T0);
+            if (bits == 3) _mm_prefetch((const char *)(b + SQ_PREFETCH + 64), _MM_HINT_T0);
+            h[r] = _mm512_setzero_si512();
+            if (bits == 2) {
+                v[r] = _mm512_loadu_si512((const void *)b);
+            } else {
+                const __m512i lo = _mm512_loadu_si512((const void *)b), hi = _mm512_maskz_loadu_epi32(0x00FF, b + 64);
+                v[r] = _mm512_permutex2var_epi32(lo, pidx, hi);
+                h[r] = _mm512_srlv_epi32(_mm512_permutex2var_epi32(lo, hidx, hi), hshift);
+            }
         }
-        __m512 a0[4], a1[4];
-#pragma GCC unroll 4
-        for (int m = 0; m < MB; m++) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
+        __m512 a0[8], a1[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < R * MB; i++) { a0[i] = _mm512_setzero_ps(); a1[i] = _mm512_setzero_ps(); }
 #pragma GCC unroll 16
         for (int i = 0; i < 16; i++) {
-            __m512i idx = i ? _mm512_srli_epi32(v, 2 * i) : v;
-            if (bits == 3) { /* weight's high bit: bit 8(i%4) + i/4 of h, moved to bit 2 */
-                const int sh = 8 * (i % 4) + i / 4;
-                const __m512i hb = sh >= 2 ? _mm512_srli_epi32(h, sh - 2) : _mm512_slli_epi32(h, 2 - sh);
-                idx = _mm512_ternarylogic_epi32(idx, hb, _mm512_set1_epi32(3), 0xE4); /* c ? a : b */
+            __m512 w[2];
+#pragma GCC unroll 2
+            for (int r = 0; r < R; r++) {
+                __m512i idx = i ? _mm512_srli_epi32(v[r], 2 * i) : v[r];
+                if (bits == 3) { /* weight's high bit: bit 8(i%4) + i/4 of h, moved to bit 2 */
+                    const int sh = 8 * (i % 4) + i / 4;
+                    const __m512i hb = sh >= 2 ? _mm512_srli_epi32(h[r], sh - 2) : _mm512_slli_epi32(h[r], 2 - sh);
+                    idx = _mm512_ternarylogic_epi32(idx, hb, _mm512_set1_epi32(3), 0xE4); /* c ? a : b */
+                }
+                w[r] = _mm512_permutexvar_ps(idx, table);
             }
-            const __m512 w = _mm512_permutexvar_ps(idx, table);
 #pragma GCC unroll 4
             for (int m = 0; m < MB; m++) {
                 const __m512 xv = _mm512_loadu_ps(xp + m * K + k + 16 * i);
-                if (i & 1) a1[m] = _mm512_fmadd_ps(w, xv, a1[m]); else a0[m] = _mm512_fmadd_ps(w, xv, a0[m]);
+#pragma GCC unroll 2
+                for (int r = 0; r < R; r++) {
+                    const int j = r * MB + m;
+                    if (i & 1) a1[j] = _mm512_fmadd_ps(w[r], xv, a1[j]); else a0[j] = _mm512_fmadd_ps(w[r], xv, a0[j]);
+                }
             }
         }
-        const __m512 sv = _mm512_permutexvar_ps(sidx, _mm512_maskz_loadu_ps(smask, scales + (k >> gshift)));
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++) {
+            const __m512 sv = _mm512_permutexvar_ps(sidx, _mm512_maskz_loadu_ps(smask, scales + r * spr + (k >> gshift)));
 #pragma GCC unroll 4
-        for (int m = 0; m < MB; m++) tot[m] = _mm512_fmadd_ps(_mm512_add_ps(a0[m], a1[m]), sv, tot[m]);
-    }
-    __m256 tail[4];
-#pragma GCC unroll 4
-    for (int m = 0; m < MB; m++) tail[m] = _mm256_setzero_ps();
-    for (; k < K; k += 32) {
-        __m256 w[4];
-        block23_avx2(row + k / 32 * bpb, bits, T, w);
-        const __m256 sv = _mm256_set1_ps(scales[k / group]);
-#pragma GCC unroll 4
-        for (int m = 0; m < MB; m++) {
-            const float *xk = xp + m * K + k;
-            __m256 p = _mm256_mul_ps(w[0], _mm256_loadu_ps(xk));
-            p = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xk + 8), p);
-            p = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xk + 16), p);
-            p = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xk + 24), p);
-            tail[m] = _mm256_fmadd_ps(p, sv, tail[m]);
+            for (int m = 0; m < MB; m++) tot[r * MB + m] = _mm512_fmadd_ps(_mm512_add_ps(a0[r * MB + m], a1[r * MB + m]), sv, tot[r * MB + m]);
         }
     }
+    __m256 tail[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < R * MB; i++) tail[i] = _mm256_setzero_ps();
+    for (; k < K; k += 32)
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++) {
+            __m256 w[4];
+            block23_avx2(row + r * rb + k / 32 * bpb, bits, T, w);
+            const __m256 sv = _mm256_set1_ps(scales[r * spr + k / group]);
 #pragma GCC unroll 4
-    for (int m = 0; m < MB; m++) out[m] = _mm512_reduce_add_ps(tot[m]) + hsum256(tail[m]);
+            for (int m = 0; m < MB; m++) {
+                const float *xk = xp + m * K + k;
+                __m256 p = _mm256_mul_ps(w[0], _mm256_loadu_ps(xk));
+                p = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xk + 8), p);
+                p = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xk + 16), p);
+                p = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xk + 24), p);
+                tail[r * MB + m] = _mm256_fmadd_ps(p, sv, tail[r * MB + m]);
+            }
+        }
+#pragma GCC unroll 8
+    for (int i = 0; i < R * MB; i++) out[i] = _mm512_reduce_add_ps(tot[i]) + hsum256(tail[i]);
 }
 
 T_AVX512 static int gemm23_avx512(int n_threads, int bits, const float *x, int64_t M, int64_t N, int64_t K, int group,
@@ -1848,19 +1866,28 @@ T_AVX512 static int gemm23_avx512(int n_threads, int bits, const float *x, int64
     const __m512i sidx = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), gshift - 4);
     const __mmask16 smask = (__mmask16)((1u << (256 / group)) - 1);
     const int64_t rb = K / 32 * (4 * bits), spr = K / group;
+    /* Weight rows in pairs at batches of 2+ (each x load serves both), as in gemm4_avx512; then single rows. */
+    const int RB = M == 1 ? 1 : 2;
+    const int64_t blocks = N / RB, units = blocks + (N - RB * blocks);
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = codes + n * rb;
-        const float *srow = scales + n * spr;
+    for (int64_t u = 0; u < units; u++) {
+        const int R = u < blocks ? RB : 1;
+        const int64_t n0 = u < blocks ? RB * u : RB * blocks + (u - blocks);
+        const uint8_t *row = codes + n0 * rb;
+        const float *srow = scales + n0 * spr;
         for (int64_t m0 = 0; m0 < M;) { /* x rows in blocks of 4, then 2, then 1 */
             const int mb = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;
             const float *xb = xp + m0 * K;
-            float acc[4];
-#define SQ_R23(B, MB) row_dot23_avx512(row, B, table, &T, srow, gshift, sidx, smask, group, K, xb, acc, MB)
-            if (bits == 2) { if (mb == 4) SQ_R23(2, 4); else if (mb == 2) SQ_R23(2, 2); else SQ_R23(2, 1); }
-            else { if (mb == 4) SQ_R23(3, 4); else if (mb == 2) SQ_R23(3, 2); else SQ_R23(3, 1); }
+            float acc[8]; /* R x mb <= 8 */
+#define SQ_R23(B, RR, MB) row_dot23_avx512(row, B, table, &T, srow, gshift, sidx, smask, group, K, rb, spr, xb, acc, RR, MB)
+#define SQ_R23_MB(B, RR) (mb == 4 ? SQ_R23(B, RR, 4) : mb == 2 ? SQ_R23(B, RR, 2) : SQ_R23(B, RR, 1))
+            if (bits == 2) { if (R == 2) SQ_R23_MB(2, 2); else SQ_R23_MB(2, 1); }
+            else { if (R == 2) SQ_R23_MB(3, 2); else SQ_R23_MB(3, 1); }
+#undef SQ_R23_MB
 #undef SQ_R23
-            for (int j = 0; j < mb; j++) y[(m0 + j) * N + n] = finish_avx512(acc[j], m0 + j, n, bias, t, L, rank);
+            for (int r = 0; r < R; r++)
+                for (int j = 0; j < mb; j++)
+                    y[(m0 + j) * N + n0 + r] = finish_avx512(acc[r * mb + j], m0 + j, n0 + r, bias, t, L, rank);
             m0 += mb;
         }
     }
