@@ -1206,13 +1206,16 @@ static void pairs_x_bf16(const float *x, int64_t K, uint32_t *xp, int T) {
         const int64_t base = 32 * (d / 4) + 4 * (d % 4);
         for (int q = 0; q < 4; q++) {
             const int64_t k = base + (q >> 1) + 16 * (q & 1);
+            if (T == 1) { /* every x is a bfloat16 (SQ_FLAG_BF16_X): its top 16 bits are that value */
+                uint32_t u0, u1;
+                memcpy(&u0, x + k, 4);
+                memcpy(&u1, x + k + 2, 4);
+                xp[4 * d + q] = (u0 >> 16) | (u1 & 0xFFFF0000u);
+                continue;
+            }
             uint16_t h0, l0, h1, l1;
             split_bf16(x[k], &h0, &l0);
             split_bf16(x[k + 2], &h1, &l1);
-            if (T == 1) {
-                xp[4 * d + q] = (uint32_t)h0 | (uint32_t)h1 << 16;
-                continue;
-            }
             xp[(4 * d + q) * 2] = (uint32_t)h0 | (uint32_t)h1 << 16;
             xp[(4 * d + q) * 2 + 1] = (uint32_t)l0 | (uint32_t)l1 << 16;
         }
