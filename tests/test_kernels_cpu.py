@@ -204,6 +204,17 @@ def test_exact_small_batches_in_row_pairs(isa, monkeypatch, group, k, m):
     assert_close_rel(run(module, x, "cpu"), ref, tol=2e-6)
 
 
+@pytest.mark.parametrize("sparsity", ["2:4", "4:8"])
+@pytest.mark.parametrize("group,k", [(64, 320), (128, 1152), (256, 4352)])
+def test_sparse_batch_1_rows(isa, sparsity, group, k):
+    # Batch-1 sparse rows (on AVX-512 VBMI2: codes spread to their columns by vpexpandb) against a float64
+    # oracle: every product is exact, so only the summation order differs.
+    module = make_layer(37, k, 4, group, sparsity, rank=3, bias=True, seed=group)
+    x = torch.randn(1, k)
+    ref = run(module, x.double(), "reference").float()
+    assert_close_rel(run(module, x, "cpu"), ref, tol=2e-6)
+
+
 def test_exact_flag_must_be_0_or_1(monkeypatch):
     monkeypatch.setenv("SQLORA_CPU_EXACT", "yes")
     module = make_layer(16, 64, 4, 64, None, rank=0, bias=False)
