@@ -1146,7 +1146,7 @@ T_AVX512 static int gemm4_avx512(int n_threads, const float *x, int64_t M, int64
     return SQ_OK;
 }
 
-/* Batch 1, 4-bit 2:4 and 4:8 (both keep exactly 4 of every 8 columns), AVX-512 VBMI2 (Ice Lake, Zen 4 and
+/* Batches 1-6, 4-bit 2:4 and 4:8 (both keep exactly 4 of every 8 columns), AVX-512 VBMI2 (Ice Lake, Zen 4 and
  * later), when the table has an exact zero (every normal-float codebook does): the 32 stored codes of a
  * 64-column block (16 code bytes, 8 mask bytes) are laid out as bytes (a broadcast load, a shift, a blend
  * and an AND) and spread to their columns by one `vpexpandb` under the 64-bit mask, pruned columns getting
@@ -1168,60 +1168,84 @@ static void permute_x_bytes(const float *x, int64_t K, float *xp) { /* xp[64c + 
             for (int l = 0; l < 16; l++) xp[c + 16 * j + l] = x[c + 4 * l + j];
 }
 
-T_VBMI2 static inline __attribute__((always_inline)) float
+/* One row against MB rows of permuted x (row stride K; MB = 1, 2 or 4, a compile-time constant): out[m]. */
+T_VBMI2 static inline __attribute__((always_inline)) void
 row_dot4_sparse_vbmi2(const uint8_t *row, const uint8_t *mrow, const float *srow, const __m512 table,
-                      const __m512i zfill, int group, int64_t K, const float *xp, int *bad_row) {
-    __m512 tot = _mm512_setzero_ps();
+                      const __m512i zfill, int group, int64_t K, const float *xp, float *out, int *bad_row,
+                      const int MB) {
+    __m512 tot[4];
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; m++) tot[m] = _mm512_setzero_ps();
     uint64_t bad = 0;
     const __m256i m4 = _mm256_set1_epi8(15);
     const int64_t cpg = group / 64;
     for (int64_t c0 = 0; c0 < K / 64; c0 += cpg) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        __m512 a0[4], a1[4];
+#pragma GCC unroll 4
+        for (int m = 0; m < MB; m++) a0[m] = a1[m] = _mm512_setzero_ps();
         for (int64_t c = c0; c < c0 + cpg; c++) {
             __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(row + 16 * c)));
             b = _mm256_and_si256(_mm256_blend_epi32(b, _mm256_srli_epi16(b, 4), 0xF0), m4); /* stored weights 0..31 */
-            uint64_t m;
-            memcpy(&m, mrow + 8 * c, 8);
+            uint64_t mk;
+            memcpy(&mk, mrow + 8 * c, 8);
             {
-                uint64_t w = m - ((m >> 1) & 0x5555555555555555ULL);
+                uint64_t w = mk - ((mk >> 1) & 0x5555555555555555ULL);
                 w = (w & 0x3333333333333333ULL) + ((w >> 2) & 0x3333333333333333ULL);
                 w = (w + (w >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
                 bad |= w ^ 0x0404040404040404ULL;
             }
-            const __m512i v = _mm512_mask_expand_epi8(zfill, (__mmask64)m, _mm512_castsi256_si512(b));
-            const float *xc = xp + 64 * c;
-            a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, table), _mm512_loadu_ps(xc), a0);
-            a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), table), _mm512_loadu_ps(xc + 16), a1);
-            a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 16), table), _mm512_loadu_ps(xc + 32), a0);
-            a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 24), table), _mm512_loadu_ps(xc + 48), a1);
+            const __m512i v = _mm512_mask_expand_epi8(zfill, (__mmask64)mk, _mm512_castsi256_si512(b));
+            const __m512 w0 = _mm512_permutexvar_ps(v, table), w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), table);
+            const __m512 w2 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 16), table);
+            const __m512 w3 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 24), table);
+#pragma GCC unroll 4
+            for (int m = 0; m < MB; m++) {
+                const float *xc = xp + m * K + 64 * c;
+                a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xc), a0[m]);
+                a1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xc + 16), a1[m]);
+                a0[m] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xc + 32), a0[m]);
+                a1[m] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xc + 48), a1[m]);
+            }
         }
-        tot = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(srow[c0 / cpg]), tot);
+        const __m512 sv = _mm512_set1_ps(srow[c0 / cpg]);
+#pragma GCC unroll 4
+        for (int m = 0; m < MB; m++) tot[m] = _mm512_fmadd_ps(_mm512_add_ps(a0[m], a1[m]), sv, tot[m]);
     }
     *bad_row = bad != 0;
-    return _mm512_reduce_add_ps(tot);
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; m++) out[m] = _mm512_reduce_add_ps(tot[m]);
 }
 
-T_VBMI2 static int gemv4_sparse_vbmi2(int n_threads, const float *x, int64_t N, int64_t K, int group, int zero_code,
-                                      const uint8_t *codes, const float *scales, const uint8_t *mask, const float *lut,
-                                      const float *t, const float *L, int64_t rank, const float *bias, float *y) {
-    float *xp = (float *)malloc(sizeof(float) * (size_t)K);
+/* Batches 1..SQ_SMALL_M: each weight row is decoded once for blocks of 4, 2 and 1 rows of x. */
+T_VBMI2 static int gemm4_sparse_vbmi2(int n_threads, const float *x, int64_t M, int64_t N, int64_t K, int group,
+                                      int zero_code, const uint8_t *codes, const float *scales, const uint8_t *mask,
+                                      const float *lut, const float *t, const float *L, int64_t rank, const float *bias,
+                                      float *y) {
+    float *xp = (float *)malloc(sizeof(float) * (size_t)(M * K));
     if (!xp) return SQ_ENOMEM;
-    permute_x_bytes(x, K, xp);
+    for (int64_t m = 0; m < M; m++) permute_x_bytes(x + m * K, K, xp + m * K);
     const __m512 table = _mm512_loadu_ps(lut);
     const __m512i zfill = _mm512_set1_epi8((char)zero_code);
     const int64_t rb = K / 4, spr = K / group;
     int bad_mask = 0;
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
     for (int64_t n = 0; n < N; n++) {
-        int bad_row;
-        const float acc = row_dot4_sparse_vbmi2(codes + n * rb, mask + n * (K / 8), scales + n * spr, table, zfill,
-                                                group, K, xp, &bad_row);
-        if (bad_row) { /* wrong numbers only (every read stays inside the row), but an error */
-            #pragma omp atomic write
-            bad_mask = 1;
-            continue;
+        for (int64_t m0 = 0; m0 < M;) {
+            const int mb = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;
+            float acc[4];
+            int bad_row;
+#define SQ_RS(MB) row_dot4_sparse_vbmi2(codes + n * rb, mask + n * (K / 8), scales + n * spr, table, zfill, group, K, \
+                                        xp + m0 * K, acc, &bad_row, MB)
+            if (mb == 4) SQ_RS(4); else if (mb == 2) SQ_RS(2); else SQ_RS(1);
+#undef SQ_RS
+            if (bad_row) { /* wrong numbers only (every read stays inside the row), but an error */
+                #pragma omp atomic write
+                bad_mask = 1;
+                break;
+            }
+            for (int j = 0; j < mb; j++) y[(m0 + j) * N + n] = finish_avx512(acc[j], m0 + j, n, bias, t, L, rank);
+            m0 += mb;
         }
-        y[n] = finish_avx512(acc, 0, n, bias, t, L, rank);
     }
     free(xp);
     return bad_mask ? SQ_EBADLEN : SQ_OK;
@@ -2522,8 +2546,8 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
         free(t);
         return rc;
     }
-    if (M == 1 && bits == 4 && sparsity && isa == ISA_AVX512 && cpu_has_vbmi2() && zero_code(lut) >= 0) {
-        int rc = gemv4_sparse_vbmi2(n_threads, x, N, K, group, zero_code(lut), codes, scales, mask, lut, t, L, rank,
+    if (M <= SQ_SMALL_M && bits == 4 && sparsity && isa == ISA_AVX512 && cpu_has_vbmi2() && zero_code(lut) >= 0) {
+        int rc = gemm4_sparse_vbmi2(n_threads, x, M, N, K, group, zero_code(lut), codes, scales, mask, lut, t, L, rank,
                                     bias, y);
         free(t);
         return rc;

@@ -206,13 +206,15 @@ def test_exact_small_batches_in_row_pairs(isa, monkeypatch, group, k, m):
 
 @pytest.mark.parametrize("sparsity", ["2:4", "4:8"])
 @pytest.mark.parametrize("group,k", [(64, 320), (128, 1152), (256, 4352)])
-def test_sparse_batch_1_rows(isa, sparsity, group, k):
-    # Batch-1 sparse rows (on AVX-512 VBMI2: codes spread to their columns by vpexpandb) against a float64
-    # oracle: every product is exact, so only the summation order differs.
+def test_sparse_small_batches(isa, sparsity, group, k):
+    # Sparse rows at batches 1-6 (on AVX-512 VBMI2: codes spread to their columns by vpexpandb, blocks of
+    # 4, 2 and 1 rows of x) against a float64 oracle: every product is exact, so only the summation order
+    # differs.
     module = make_layer(37, k, 4, group, sparsity, rank=3, bias=True, seed=group)
-    x = torch.randn(1, k)
-    ref = run(module, x.double(), "reference").float()
-    assert_close_rel(run(module, x, "cpu"), ref, tol=2e-6)
+    for m in (1, 2, 3, 6):
+        x = torch.randn(m, k)
+        ref = run(module, x.double(), "reference").float()
+        assert_close_rel(run(module, x, "cpu"), ref, tol=2e-6)
 
 
 def test_exact_flag_must_be_0_or_1(monkeypatch):
