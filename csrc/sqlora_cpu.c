@@ -1025,6 +1025,15 @@ finish_avx512(float v, int64_t m, int64_t n, const float *bias, const float *t, 
     return v;
 }
 
+/* Outputs (m0 + j, n0 + r) of an R x mb block of the small-batch kernels, from acc[r * mb + j]. */
+T_AVX512 static inline __attribute__((always_inline)) void
+store_block_avx512(float *y, const float *acc, int R, int mb, int64_t m0, int64_t n0, int64_t N, const float *bias,
+                   const float *t, const float *L, int64_t rank) {
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < mb; j++)
+            y[(m0 + j) * N + n0 + r] = finish_avx512(acc[r * mb + j], m0 + j, n0 + r, bias, t, L, rank);
+}
+
 /* R consecutive weight rows (codes at stride K/2, scales at K/group) against MB rows of permuted x
  * (stride K): out[r * MB + m]. R x MB is 4x1 (long rows at batch 1: each x load serves 4 rows), or
  * R x MB for R = 1, 2 and MB = 1, 2, 4 (small batches: one weight row's lookups serve MB rows of x, each x
@@ -1136,9 +1145,7 @@ T_AVX512 static int gemm4_avx512(int n_threads, const float *x, int64_t M, int64
         for (int64_t m0 = 0; m0 < M;) {
             const int mb = R == 4 ? 1 : M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;
             nib_block(row, srow, table, group, K, xp + m0 * K, acc, R, mb);
-            for (int r = 0; r < R; r++)
-                for (int j = 0; j < mb; j++)
-                    y[(m0 + j) * N + n0 + r] = finish_avx512(acc[r * mb + j], m0 + j, n0 + r, bias, t, L, rank);
+            store_block_avx512(y, acc, R, mb, m0, n0, N, bias, t, L, rank);
             m0 += mb;
         }
     }
@@ -1243,7 +1250,7 @@ T_VBMI2 static int gemm4_sparse_vbmi2(int n_threads, const float *x, int64_t M, 
                 bad_mask = 1;
                 break;
             }
-            for (int j = 0; j < mb; j++) y[(m0 + j) * N + n] = finish_avx512(acc[j], m0 + j, n, bias, t, L, rank);
+            store_block_avx512(y, acc, 1, mb, m0, n, N, bias, t, L, rank);
             m0 += mb;
         }
     }
@@ -2003,9 +2010,7 @@ T_AVX512 static int gemm23_avx512(int n_threads, int bits, const float *x, int64
             else { if (R == 2) SQ_R23_MB(3, 2); else SQ_R23_MB(3, 1); }
 #undef SQ_R23_MB
 #undef SQ_R23
-            for (int r = 0; r < R; r++)
-                for (int j = 0; j < mb; j++)
-                    y[(m0 + j) * N + n0 + r] = finish_avx512(acc[r * mb + j], m0 + j, n0 + r, bias, t, L, rank);
+            store_block_avx512(y, acc, R, mb, m0, n0, N, bias, t, L, rank);
             m0 += mb;
         }
     }
