@@ -87,9 +87,10 @@ def time_interleaved(calls: dict, reps: int) -> dict:
     times = {name: [] for name in calls}
     # Entries may share one list of copies (a format's variants): every call takes the list's next copy,
     # so no call reads weights the call before it just brought into the cache.
-    # The entry right after a large streaming call (fp32 F.linear) runs up to 8 % slower than the same code
-    # later in the round (three copies of one build, 2026-12-07), so the order rotates by one entry per
-    # repetition and every entry takes every position equally often.
+    # The order rotates by one entry per repetition, so every entry takes every position (and follows every
+    # neighbour, the large streaming F.linear calls included) equally often: with a fixed order, three
+    # identical entries timed 0-9 % apart by position (2026-12-07; part of that was which library copy loaded
+    # first, which a one-library run does not have).
     taken = {}
     names = list(calls)
     for r in range(reps):

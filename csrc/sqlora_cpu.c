@@ -186,6 +186,18 @@ static int lut_is_bf16(const float *lut, int n) {
 
 #ifdef SQ_X86
 #define T_AVX2 __attribute__((target("avx2,fma")))
+
+/* Nonzero if one of the 8 mask bytes at m does not keep exactly 4 columns (SWAR popcount per byte; 2:4 and
+ * 4:8 both keep 4 of every 8). The sparse rows only read inside the row whatever the mask holds, so a bad
+ * mask gives wrong numbers, which this turns into an error. */
+static inline uint64_t mask_bytes_bad(const uint8_t *m) {
+    uint64_t w;
+    memcpy(&w, m, 8);
+    w = w - ((w >> 1) & 0x5555555555555555ULL);
+    w = (w & 0x3333333333333333ULL) + ((w >> 2) & 0x3333333333333333ULL);
+    return ((w + (w >> 4)) & 0x0F0F0F0F0F0F0F0FULL) ^ 0x0404040404040404ULL;
+}
+
 #define T_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
 
 T_AVX2 static float hsum256(__m256 v) {
@@ -734,7 +746,7 @@ row_dot4_sparse_pq_avx2_impl(const uint8_t *row, const uint8_t *mrow, const floa
                              int64_t n_stored, const float *xP, const float *xQ, const lut4_avx2_t *T,
                              const lut2_avx2_t *T2, const int bf16, int *bad_row) {
     __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
-    uint64_t bad = 0; /* nonzero if a mask byte does not keep exactly 4 columns (SWAR popcount, idle ALUs) */
+    uint64_t bad = 0; /* nonzero if a mask byte does not keep exactly 4 columns (idle ALUs) */
     const int64_t bpg = per_group / 32;
     const float *sc = scales;
     for (int64_t t0 = 0; t0 < n_stored / 32; t0 += bpg, sc++) {
@@ -745,14 +757,7 @@ row_dot4_sparse_pq_avx2_impl(const uint8_t *row, const uint8_t *mrow, const floa
             else LUT4_AVX2_BLOCK(*T, row + 16 * t, f0, f1, f2, f3);
             const uint8_t *m = mrow + 8 * t;
             const float *P = xP + 32 * t, *Q = xQ + 32 * t;
-            {
-                uint64_t w;
-                memcpy(&w, m, 8);
-                w = w - ((w >> 1) & 0x5555555555555555ULL);
-                w = (w & 0x3333333333333333ULL) + ((w >> 2) & 0x3333333333333333ULL);
-                w = (w + (w >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
-                bad |= w ^ 0x0404040404040404ULL;
-            }
+            bad |= mask_bytes_bad(m);
 #define SQ_XK(r) _mm256_castsi256_ps(_mm256_or_si256(                                                      \
         _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(P + 8 * (r))),                              \
                             _mm256_blend_epi32(_mm256_loadu_si256((const __m256i *)CTLA[m[r]]),               \
@@ -1131,10 +1136,10 @@ T_AVX512 static int gemm4_avx512(int n_threads, const float *x, int64_t M, int64
     for (int64_t m = 0; m < M; m++) permute_x_nib(x + m * K, K, xp + m * K);
     const __m512 table = _mm512_loadu_ps(lut);
     /* Weight rows go in blocks of RB, so that each x load serves RB rows: 4 for long rows at batch 1, and
-     * pairs at batches of 2+ (exact path, 1 thread, cold weights, pairs vs single rows: 1.1-1.6x faster at
-     * batches 2/4/6 from 1536 x 576 to 4096 x 11008, 2026-12-07); then single rows. */
+     * pairs at batches of 2+ (pairs vs single rows, 1 thread, cold weights, 2026-12-07: 1.3-1.8x faster at
+     * batches 4 and 6, 1.0-1.4x at batch 2; docs/kernels_cpu.md); then single rows. */
     const int RB = M == 1 ? (K >= 6144 ? 4 : 1) : 2;
-    const int64_t blocks = RB > 1 ? N / RB : 0, units = blocks + (N - RB * blocks);
+    const int64_t blocks = N / RB, units = blocks + (N - RB * blocks);
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
     for (int64_t u = 0; u < units; u++) {
         const int R = u < blocks ? RB : 1;
@@ -1160,7 +1165,7 @@ T_AVX512 static int gemm4_avx512(int n_threads, const float *x, int64_t M, int64
  * the zero level's code. The row then runs like a dense one: dword lane l of vector j (the expanded bytes
  * shifted right by 8j; `vpermps` reads bits 0-3) is column 4l + j, so x is permuted to that order once per
  * call; four lookups and four FMAs per 64 columns. Every read stays inside the row whatever the mask holds;
- * a mask byte that does not keep exactly 4 columns marks the row bad (SWAR popcount, as in the AVX2 row).
+ * a mask byte that does not keep exactly 4 columns marks the row bad (`mask_bytes_bad`, as in the AVX2 row).
  * Tried and dropped: looking the kept weights up in stored order and moving them with four `vexpandps`
  * (nine shuffles per 64 columns: 1.4x the old row's speed where this one gives 1.5-1.7x), and rows in
  * fours to share x loads at long K (no faster: the expand and the lookups bound it, not x). Groups are
@@ -1195,12 +1200,7 @@ row_dot4_sparse_vbmi2(const uint8_t *row, const uint8_t *mrow, const float *srow
             b = _mm256_and_si256(_mm256_blend_epi32(b, _mm256_srli_epi16(b, 4), 0xF0), m4); /* stored weights 0..31 */
             uint64_t mk;
             memcpy(&mk, mrow + 8 * c, 8);
-            {
-                uint64_t w = mk - ((mk >> 1) & 0x5555555555555555ULL);
-                w = (w & 0x3333333333333333ULL) + ((w >> 2) & 0x3333333333333333ULL);
-                w = (w + (w >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
-                bad |= w ^ 0x0404040404040404ULL;
-            }
+            bad |= mask_bytes_bad(mrow + 8 * c);
             const __m512i v = _mm512_mask_expand_epi8(zfill, (__mmask64)mk, _mm512_castsi256_si512(b));
             const __m512 w0 = _mm512_permutexvar_ps(v, table), w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), table);
             const __m512 w2 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 16), table);
@@ -2554,11 +2554,13 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
         free(t);
         return rc;
     }
-    if (M <= SQ_SMALL_M && bits == 4 && sparsity && isa == ISA_AVX512 && cpu_has_vbmi2() && zero_code(lut) >= 0) {
-        int rc = gemm4_sparse_vbmi2(n_threads, x, M, N, K, group, zero_code(lut), codes, scales, mask, lut, t, L, rank,
-                                    bias, y);
-        free(t);
-        return rc;
+    if (M <= SQ_SMALL_M && bits == 4 && sparsity && isa == ISA_AVX512 && cpu_has_vbmi2()) {
+        const int z = zero_code(lut); /* no exact zero level: the AVX2 row below */
+        if (z >= 0) {
+            int rc = gemm4_sparse_vbmi2(n_threads, x, M, N, K, group, z, codes, scales, mask, lut, t, L, rank, bias, y);
+            free(t);
+            return rc;
+        }
     }
     if (M == 1 && bits == 4 && (isa == ISA_AVX2 || (isa == ISA_AVX512 && sparsity))) {
         int rc = gemv4_avx2(n_threads, x, N, K, group, sparsity, codes, scales, mask, lut, t, L, rank, bias, y);
