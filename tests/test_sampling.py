@@ -1,0 +1,60 @@
+"""The sampler behind calibration="self": reserved KV cache and inverse-CDF draws, checked against a
+full forward of the model over the text it wrote."""
+import pytest
+import torch
+
+from sqlora_hf.sampling import ReservedLayer, sample_continuations
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
+def test_every_sampled_token_is_where_its_uniform_falls_in_the_full_forward_cdf(tiny_model_dirs, arch):
+    from transformers import AutoModelForCausalLM
+
+    path, _ = tiny_model_dirs[arch]
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    g = torch.Generator().manual_seed(3)
+    rows, length, banned = 3, 40, [7, 200]
+    start = torch.randint(10, 250, (rows, 1), generator=g)
+    uniforms = torch.rand(rows, length - 1, generator=g)
+    out = sample_continuations(model, start, length, uniforms, banned=banned)
+    assert out.shape == (rows, length) and torch.equal(out[:, :1], start)
+    assert not torch.isin(out[:, 1:], torch.tensor(banned)).any()
+    with torch.no_grad():
+        logits = model(out).logits[:, :-1].double()
+    logits[..., banned] = float("-inf")
+    cdf = torch.softmax(logits, -1).cumsum(-1)
+    tok = out[:, 1:]
+    hi = cdf.gather(-1, tok.unsqueeze(-1))[..., 0]
+    lo = torch.where(tok > 0, cdf.gather(-1, (tok - 1).clamp(min=0).unsqueeze(-1))[..., 0], torch.zeros_like(hi))
+    u = uniforms.double()
+    assert ((lo - 1e-5 <= u) & (u <= hi + 1e-5)).all()
+    assert len(set(out[:, 1:].flatten().tolist())) > 20  # really sampling, not one token over and over
+
+
+def test_full_attention_layers_get_reserved_buffers(tiny_model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    from sqlora_hf.sampling import reserved_cache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"][0])
+    cache = reserved_cache(model, 16)
+    assert len(cache.layers) == model.config.num_hidden_layers
+    assert all(isinstance(layer, ReservedLayer) and layer.capacity == 16 for layer in cache.layers)
+
+
+def test_reserved_layer_matches_concatenation_and_grows():
+    layer = ReservedLayer(capacity=2)
+    chunks = [torch.randn(2, 3, t, 4) for t in (1, 2, 1, 3)]
+    for i, k in enumerate(chunks):
+        keys, values = layer.update(k, -k)
+        want = torch.cat(chunks[: i + 1], dim=-2)
+        assert torch.equal(keys, want) and torch.equal(values, -want)
+        assert layer.get_seq_length() == want.shape[-2]
+
+
+def test_uniforms_of_the_wrong_shape_are_refused(tiny_model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"][0])
+    with pytest.raises(ValueError, match=r"uniforms must be \[2, 4\]"):
+        sample_continuations(model, torch.ones(2, 1, dtype=torch.long), 5, torch.rand(2, 5))
