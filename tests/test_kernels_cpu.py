@@ -121,6 +121,21 @@ def test_gemm_min_rows_must_be_a_count(monkeypatch):
         run(module, torch.randn(40, 64), "cpu")
 
 
+@pytest.mark.parametrize("m", [1, 40])
+@pytest.mark.parametrize("k", [256, 4096])  # 4096 x 300: several tiles at m = 40
+def test_cpu_autocast_leaves_the_kernel_exact(m, k):
+    """Under `torch.autocast("cpu", bfloat16)` (a user's inference or fine-tuning, or calibrated
+    compression's forward passes) the layer still computes the kernel's fp32 result: the tiled path's
+    BLAS products used to be rounded to bf16 by autocast and then failed to mix with the low-rank term."""
+    module = make_layer(300, k, 4, 64, "4:8" if k == 256 else None, rank=3, bias=True)
+    x = torch.randn(m, k)
+    ref = run(module, x, "reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = run(module, x, "cpu")
+    assert y.dtype == torch.float32
+    assert_close_rel(y, ref)
+
+
 @pytest.mark.parametrize("rank,bias", [(0, False), (0, True), (7, False), (16, True)])
 @pytest.mark.parametrize("m", [1, 2, 5, 64])
 def test_batches_and_lowrank(isa, rank, bias, m):

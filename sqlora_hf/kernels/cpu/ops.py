@@ -117,12 +117,15 @@ def _tile_buffer() -> torch.Tensor:
 def _run_tiled(lib, d: "Described", x: torch.Tensor, m: int) -> torch.Tensor:
     """y = x Wᵀ + bias + (x Rᵀ) Lᵀ with W dequantized a tile of rows at a time into this thread's 4 MB
     buffer (the same products of table value and scale as the kernels, summed by the BLAS). A nested
-    call on the same thread (a dispatch mode running another layer inside torch.mm) gets a fresh tile."""
+    call on the same thread (a dispatch mode running another layer inside torch.mm) gets a fresh tile.
+    Autocast is off inside: the products are the kernel's, in fp32, whatever region the caller is in
+    (under CPU autocast, F.linear would round the tile to bf16 and the fp32 low-rank term would not mix)."""
     nested = getattr(_tile, "busy", False)
     buf = torch.empty(_TILE_FLOATS, dtype=torch.float32) if nested else _tile_buffer()
     _tile.busy = True
     try:
-        return _multiply_tiles(lib, d, x, m, buf)
+        with torch.autocast("cpu", enabled=False):
+            return _multiply_tiles(lib, d, x, m, buf)
     finally:
         _tile.busy = nested
 
