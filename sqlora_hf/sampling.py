@@ -1,13 +1,13 @@
 """Plain sampling from a causal LM, fast enough to write calibration text (`calibration="self"`).
 
-Why not `model.generate`: on SmolLM2-135M, 32 windows of 512 tokens on 2 cores took 138 s that way, and
-most of it was not the model. `DynamicCache` appends each step's keys and values with `torch.cat`,
+Why not `model.generate`: on SmolLM2-135M, 32 windows of 512 tokens on 2 cores took 135 s that way, and
+a quarter of it was not the model. `DynamicCache` appends each step's keys and values with `torch.cat`,
 which copies the whole cache, so a step at position 400 spent more time copying (~200 ms) than in the
 matrix products (~100 ms); and `torch.multinomial` over a 32 x 49152 batch costs 31 ms per step (it
 draws an exponential per vocabulary entry). Here the cache keeps its keys and values in buffers
 reserved for the whole window (`ReservedLayer`), and each row draws one uniform number per step and
 takes the token where it falls in the cumulative distribution (inverse-CDF sampling: exact, 1.7 ms).
-Same model, same distribution; 88 s instead of 145 s for the 32 x 512 tokens (docs/calibrated.md).
+Same model, same distribution; 102 s instead of 135 s for the 32 x 512 tokens on 2 threads (docs/calibrated.md).
 """
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging as hf_logging
 
 from .allocator import reuse_freed_memory
+from .mixed_precision import forward_autocast, full_precision
 from .calibration import prepare
 from .compression.calibrated import CalibratedSpec, compress_shared_input, compress_with_hessian
 from .compression.gptq import HessianCache, float_targets, gram, ridge_factor
@@ -89,9 +90,13 @@ def _capture_inputs(model: nn.Module, first: nn.Module, input_ids: torch.Tensor,
 
 
 def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """The block over every chunk of inputs, matrix products in bf16 where the CPU has them
+    (`mixed_precision`; hooks that compress or measure switch back to fp32)."""
     outputs = []
     for args, kwargs in inputs:
-        out = block(*args, **kwargs)
+        hidden_in = args[0] if args else kwargs["hidden_states"]
+        with forward_autocast(hidden_in.device):
+            out = block(*args, **kwargs)
         hidden = out[0] if isinstance(out, (tuple, list)) else out
         outputs.append(((hidden,) + tuple(args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden}))
     return outputs
@@ -295,6 +300,10 @@ def _compress_block_one_pass(block: nn.Module, block_name: str, inputs: Inputs, 
         done[name] = result
 
     def hook(mod, args):
+        with full_precision():
+            return compress_on_call(mod, args)
+
+    def compress_on_call(mod, args):
         name = names[id(mod)]
         if name in done:  # a Linear called twice keeps the compression of its first call
             return None
@@ -343,7 +352,8 @@ def collect_hessians(block: nn.Module, inputs: list[tuple[tuple, dict]], targets
     def accumulate(name: str):
         def hook(_module, args, _output):
             x = args[0]
-            h = shared(x)
+            with full_precision():
+                h = shared(x)
             hessians[name] = h.clone() if name not in hessians else hessians[name].add_(h)
             counts[name] += x.numel() // x.shape[-1]
         return hook

@@ -163,10 +163,13 @@ def test_from_pretrained_with_json_built_config_uses_tokenizer_beside_model(tiny
 
 
 @pytest.mark.parametrize("asymmetric", [False, True])
-def test_sequential_feeds_compressed_outputs_to_the_next_block(tiny_model_dirs, asymmetric):
+def test_sequential_feeds_compressed_outputs_to_the_next_block(tiny_model_dirs, asymmetric, monkeypatch):
     """Block 1 is calibrated on block 0's compressed outputs; with asymmetric calibration it also runs,
-    first, on the float model's own stream, which must be exactly the uncompressed model's input there."""
+    first, on the float model's own stream, which must be exactly the uncompressed model's input there.
+    (Exactly: with the forward passes in the model's own fp32, not bf16.)"""
     from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("SQLORA_CALIBRATION_BF16", "0")
 
     path, _ = tiny_model_dirs["llama"]
     torch.manual_seed(0)
@@ -581,8 +584,10 @@ def test_output_sensitivity_is_the_squared_loss_gradient_at_each_layer_output(ti
     assert not has_language_model_loss(AutoModel.from_pretrained(bert_path))
 
 
-def test_sensitivity_pass_collects_the_same_hessians_as_the_block_pass(tiny_model_dirs):
+def test_sensitivity_pass_collects_the_same_hessians_as_the_block_pass(tiny_model_dirs, monkeypatch):
     from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("SQLORA_CALIBRATION_BF16", "0")  # the same products in both passes, to compare exactly
 
     from sqlora_hf.budget import output_sensitivity
     from sqlora_hf.sequential import _capture_inputs, _eligible, collect_hessians, find_blocks
@@ -712,3 +717,36 @@ def test_reusing_freed_memory_is_active_on_glibc_and_changes_no_result(tiny_mode
         codes.append([m.qcodes.clone() for m in model.modules() if isinstance(m, SQLoRALinear)])
     assert allocator._glibc() is None  # the opt-out is honoured
     assert len(codes[0]) == 14 and all(torch.equal(a, b) for a, b in zip(*codes))
+
+
+def test_bf16_forward_passes_compress_as_well_as_fp32(tiny_model_dirs, monkeypatch):
+    """Where the CPU has native bf16, the calibration forward passes run their matrix products in bf16
+    (`mixed_precision`): the Linears inside see bf16 activations, while GPTQ and the Gram matrices stay
+    in fp32. The compressed model must be as close to the float model as with fp32 forward passes."""
+    from transformers import AutoModelForCausalLM
+
+    from sqlora_hf.mixed_precision import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("bf16 forward passes are used only on CPUs with native bf16")
+    path, _ = tiny_model_dirs["llama"]
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(path)(ids).logits
+    errors, dtypes = {}, {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("SQLORA_CALIBRATION_BF16", flag)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        seen = []
+        handle = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+        sqlora_hf.compress(model, SQLoRAConfig(bits=3, rank=0, memory_budget="3.5bpw", calibration_samples=8,
+                                               calibration_seq_len=32), calib)
+        handle.remove()
+        dtypes[flag] = set(seen)
+        with torch.no_grad():
+            out = model(ids).logits
+        errors[flag] = float((out - ref).norm() / ref.norm())
+    # the planner's loss-gradient pass stays fp32 (bf16 there changed the plan: docs/calibrated.md)
+    assert dtypes["0"] == {torch.float32} and torch.bfloat16 in dtypes["1"]
+    assert 0 < errors["1"] < 1.2 * errors["0"]
