@@ -4,11 +4,12 @@ Why: calibrated compression spends much of its time pushing every calibration to
 blocks. On a CPU with native bfloat16 dot products (AVX-512 BF16 or AMX) torch's bf16 matrix products
 are 2-2.5x faster than fp32 at these shapes (SmolLM2's Linears over 16k tokens, 2 threads). The
 block passes only produce the *inputs* the algorithms measure: activations rounded to 8 mantissa
-bits differ from fp32 by ~0.4 %, far below the 3- and 4-bit quantization error being fitted, and on
-SmolLM2 the compressed models came out with the same perplexity (docs/calibrated.md). Everything that
-decides a weight (Gram matrices, GPTQ, the low-rank fits, the targets) runs in fp32 inside
-`full_precision()`: the hooks that do that work are called from inside the autocast region. The
-planner's loss-gradient pass stays in fp32: in bf16 it moved the 3.25 bpw plan (1.449x -> 1.464x).
+bits differ from fp32 by ~0.4 %, far below the 3- and 4-bit quantization error being fitted; on
+SmolLM2 perplexity moved by less than the spread between two sampled calibration sets (+1.1 % with one
+set, -0.1 % with another, 0.0 % at 4.25 bpw; docs/calibrated.md). Everything that decides a weight
+(Gram matrices, GPTQ, the low-rank fits, the targets) runs in fp32 inside `full_precision()`: the
+hooks that do that work are called from inside the autocast region. The planner's loss-gradient pass
+is not wrapped (fp32).
 
 `SQLORA_CALIBRATION_BF16=0` keeps every forward in the model's own precision. CPUs without native
 bf16 keep it too (emulated bf16 products are slower than fp32), and so do other devices.
