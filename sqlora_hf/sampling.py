@@ -24,7 +24,10 @@ class ReservedLayer(DynamicLayer):
 
     Appending copies only the new positions; `keys` / `values` are views of the filled prefix, so the
     attention code reads them as it would `DynamicLayer`'s tensors. A step past the capacity doubles it.
+    Only appending is supported (no crop or reordering: the sampling loop needs neither).
     """
+
+    is_croppable = False
 
     def __init__(self, capacity: int, **kwargs: Any):
         super().__init__(**kwargs)
@@ -62,10 +65,6 @@ class ReservedLayer(DynamicLayer):
         self.keys = self._key_buf[..., :end, :]
         self.values = self._value_buf[..., :end, :]
         return self.keys, self.values
-
-    def reset(self) -> None:
-        self._filled = 0
-        super().reset()
 
 
 def reserved_cache(model: Any, capacity: int) -> DynamicCache:
