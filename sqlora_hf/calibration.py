@@ -188,8 +188,7 @@ def _ordinary_token_ids(model: Any) -> torch.Tensor:
     """Every token id of the model's vocabulary except the special ones its configs name (BOS, EOS, pad)."""
     vocab = model.get_input_embeddings().num_embeddings
     vocab = min(vocab, getattr(model.config, "vocab_size", None) or vocab)
-    special = {i for i in _special_ids(model, ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"))
-               if i < vocab}
+    special = _special_ids(model, ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"), vocab)
     keep = torch.ones(vocab, dtype=torch.bool)
     keep[list(special)] = False
     if not keep.any():
@@ -197,9 +196,10 @@ def _ordinary_token_ids(model: Any) -> torch.Tensor:
     return keep.nonzero().flatten()
 
 
-def _special_ids(model: Any, keys: Sequence[str]) -> set[int]:
-    """The ids the model's config and generation config give for `keys` (each may be one id or a list)."""
-    vocab = model.get_input_embeddings().num_embeddings
+def _special_ids(model: Any, keys: Sequence[str], vocab: Optional[int] = None) -> set[int]:
+    """The ids below `vocab` (default: the embedding size) that the model's config and generation config
+    give for `keys` (each may be one id or a list)."""
+    vocab = vocab if vocab is not None else model.get_input_embeddings().num_embeddings
     ids = set()
     for cfg in (getattr(model, "generation_config", None), model.config):
         for key in keys:

@@ -27,11 +27,11 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging as hf_logging
 
 from .allocator import reuse_freed_memory
-from .mixed_precision import forward_autocast, full_precision
 from .calibration import prepare
 from .compression.calibrated import CalibratedSpec, compress_shared_input, compress_with_hessian
 from .compression.gptq import HessianCache, float_targets, gram, ridge_factor
 from .formats.layer import PackedLayer, layout_problem
+from .mixed_precision import forward_autocast, full_precision
 from .nn.linear import SQLoRALinear
 from .output_head import compress_output_head
 
