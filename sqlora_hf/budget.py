@@ -18,6 +18,7 @@ from .compression.checkpoint_plan import LayerToPlan, plan_checkpoint
 from .compression.elastic import kept_rank, ranks_for_budget, truncate_rank
 from .compression.planner import BudgetError, pareto_front, parse_budget
 from .config import SQLoRAConfig
+from .mixed_precision import forward_autocast, full_precision
 
 
 def fixed_bytes(model: nn.Module, converted: Sequence[str]) -> int:
@@ -146,6 +147,10 @@ def output_sensitivity(model: nn.Module, input_ids: torch.Tensor, names: Sequenc
 
     With `hessians` (a dict to fill) the same forward also collects each layer's `H = XᵀX / T`, so
     the planner needs no second pass; Linears reading one tensor (q/k/v) share one H object.
+
+    The pass runs under `mixed_precision.forward_autocast` (bf16 products where the CPU has them; the
+    Hessians are still fp32 products of the activations): the sensitivities only weigh candidates
+    against each other, and on SmolLM2 the bf16 pass chose the same plans as fp32 (docs/calibrated.md).
     """
     from .sequential import _SharedGram
 
@@ -168,7 +173,8 @@ def output_sensitivity(model: nn.Module, input_ids: torch.Tensor, names: Sequenc
     def on_output(name: str):
         def hook(_module, args, out):
             if hessians is not None:
-                on_input(name, args[0])
+                with full_precision():  # the Hessians stay fp32 products under the pass's autocast
+                    on_input(name, args[0])
             if isinstance(out, torch.Tensor) and out.requires_grad:
                 def on_grad(g: torch.Tensor) -> None:
                     s = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0)
@@ -183,7 +189,7 @@ def output_sensitivity(model: nn.Module, input_ids: torch.Tensor, names: Sequenc
         p.requires_grad_(False)
     device = next(model.parameters()).device
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), forward_autocast(device):
             for start in hf_logging.tqdm(range(0, input_ids.shape[0], chunk), desc="sqlora: weighing layers by the loss",
                                          unit="chunk"):
                 ids = input_ids[start:start + chunk].to(device)

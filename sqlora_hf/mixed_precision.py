@@ -9,7 +9,15 @@ SmolLM2 perplexity moved by less than the spread between two sampled calibration
 set, -0.1 % with another, 0.0 % at 4.25 bpw; docs/calibrated.md). Everything that decides a weight
 (Gram matrices, GPTQ, the low-rank fits, the targets) runs in fp32 inside `full_precision()`: the
 hooks that do that work are called from inside the autocast region. The planner's loss-gradient pass
-is not wrapped (fp32).
+runs under autocast too (its Hessians in fp32): the sensitivities only rank candidates, and on SmolLM2
+the bf16 pass changed 2 and 4 of 210 layer choices (near ties) at 4.25 and 3.25 bpw, 6-7 s sooner.
+
+Sampling `calibration="self"` text is the other slow forward work, but there autocast does not pay:
+each step multiplies only a few rows (32 windows) and autocast re-rounds every weight at every call,
+so it was 0.88-0.93x the fp32 speed. `bf16_linear_copies` rounds each Linear's weight once and keeps
+the copy for the whole loop: SmolLM2's 32 x 512 windows in 72 s instead of 92 s (1.5-1.7x over the
+first 256 tokens; later, attention over the growing cache dominates; docs/calibrated.md). Attention
+stays fp32 there: torch's CPU attention over a bf16 cache at one query was 3.4x slower than fp32.
 
 `SQLORA_CALIBRATION_BF16=0` keeps every forward in the model's own precision. CPUs without native
 bf16 keep it too (emulated bf16 products are slower than fp32), and so do other devices.
@@ -18,9 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import ContextManager
+from typing import ContextManager, Iterator
 
 import torch
+import torch.nn.functional as F
 
 ENV = "SQLORA_CALIBRATION_BF16"
 
@@ -30,11 +39,52 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
+def _bf16_worth_it(device: torch.device) -> bool:
+    return device.type == "cpu" and os.environ.get(ENV, "1") != "0" and cpu_has_native_bf16()
+
+
 def forward_autocast(device: torch.device) -> ContextManager:
     """Autocast to bfloat16 for a calibration forward (and backward) pass on `device`, when worth it."""
-    if device.type == "cpu" and os.environ.get(ENV, "1") != "0" and cpu_has_native_bf16():
+    if _bf16_worth_it(device):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _available_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not Linux: no way to tell, so assume there is room
+        return 1 << 62
+
+
+@contextlib.contextmanager
+def bf16_linear_copies(model: torch.nn.Module) -> Iterator[bool]:
+    """Inside: every fp32 `nn.Linear` of `model` on the CPU multiplies by a bfloat16 copy of its weight
+    (inputs rounded to bf16, outputs returned in the input's dtype); on exit the model is as before.
+
+    For many small forward passes (sampling), where `forward_autocast` would re-round the weights at
+    every call. Only where `forward_autocast` would be used, and only if the copies (half the fp32
+    Linear weights) take at most half the memory still free; yields whether the copies are in use.
+    """
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)
+               and m.weight.dtype == torch.float32 and _bf16_worth_it(m.weight.device)]  # (hooked ones left alone)
+    needed = sum(m.weight.numel() * 2 for m in linears)
+    if not linears or 2 * needed > _available_memory_bytes():
+        yield False
+        return
+    for m in linears:
+        weight = m.weight.detach().to(torch.bfloat16)
+        bias = None if m.bias is None else m.bias.detach().to(torch.bfloat16)
+
+        def forward(x: torch.Tensor, weight: torch.Tensor = weight, bias: torch.Tensor = bias) -> torch.Tensor:
+            return F.linear(x.to(torch.bfloat16), weight, bias).to(x.dtype)
+
+        m.forward = forward  # an instance attribute shadows the class's forward until deleted
+    try:
+        yield True
+    finally:
+        for m in linears:
+            del m.forward
 
 
 def full_precision() -> ContextManager:

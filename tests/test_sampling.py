@@ -58,3 +58,37 @@ def test_uniforms_of_the_wrong_shape_are_refused(tiny_model_dirs):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"][0])
     with pytest.raises(ValueError, match=r"uniforms must be \[2, 4\]"):
         sample_continuations(model, torch.ones(2, 1, dtype=torch.long), 5, torch.rand(2, 5))
+
+
+def test_bf16_linear_copies_round_each_product_and_leave_the_model_as_it_was(tiny_model_dirs, monkeypatch):
+    """Sampling's bf16 Linears: inside, every Linear is exactly a bf16 product; outside, the fp32 model is
+    untouched (and nothing happens where bf16 is switched off or memory is short)."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from sqlora_hf import mixed_precision
+
+    monkeypatch.setattr(mixed_precision, "cpu_has_native_bf16", lambda: True)  # the same on any CPU
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"][0]).eval()
+    ids = torch.randint(0, 250, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        proj = model.model.layers[0].mlp.down_proj
+        x = torch.randn(3, proj.in_features)
+        with mixed_precision.bf16_linear_copies(model) as used:
+            assert used
+            want = F.linear(x.bfloat16(), proj.weight.bfloat16()).float()
+            assert torch.equal(proj(x), want) and proj.weight.dtype == torch.float32
+            inside = model(ids).logits
+        assert inside.dtype == torch.float32 and not torch.equal(inside, before)
+        assert (inside - before).abs().max() < 0.05 * before.abs().max()
+        assert "forward" not in vars(proj) and torch.equal(model(ids).logits, before)
+
+        monkeypatch.setattr(mixed_precision, "_available_memory_bytes", lambda: 1000)
+        with mixed_precision.bf16_linear_copies(model) as used:
+            assert not used and torch.equal(model(ids).logits, before)
+        monkeypatch.undo()
+        monkeypatch.setattr(mixed_precision, "cpu_has_native_bf16", lambda: True)
+        monkeypatch.setenv("SQLORA_CALIBRATION_BF16", "0")
+        with mixed_precision.bf16_linear_copies(model) as used:
+            assert not used and torch.equal(model(ids).logits, before)
