@@ -557,10 +557,12 @@ def test_sweep_factor_reuse_gives_the_same_sweep():
         gptq(w, h, 4, 64, act_order=True, factor=sweep_factor(h, act_order=False))
 
 
-def test_output_sensitivity_is_the_squared_loss_gradient_at_each_layer_output(tiny_model_dirs):
+def test_output_sensitivity_is_the_squared_loss_gradient_at_each_layer_output(tiny_model_dirs, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoModel
 
     from sqlora_hf.budget import has_language_model_loss, output_sensitivity
+
+    monkeypatch.setenv("SQLORA_CALIBRATION_BF16", "0")  # fp32 products, to compare with plain autograd exactly
 
     path, _ = tiny_model_dirs["llama"]
     model = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -582,6 +584,33 @@ def test_output_sensitivity_is_the_squared_loss_gradient_at_each_layer_output(ti
     assert has_language_model_loss(model)
     bert_path, _ = tiny_model_dirs["bert"]
     assert not has_language_model_loss(AutoModel.from_pretrained(bert_path))
+
+
+def test_bf16_sensitivity_pass_stays_close_and_keeps_fp32_hessians(tiny_model_dirs, monkeypatch):
+    """Where the CPU has native bf16 the loss pass runs under autocast: its weights for the planner move by
+    bf16 rounding only, and the Hessians it collects are still fp32 Gram matrices."""
+    from transformers import AutoModelForCausalLM
+
+    from sqlora_hf import mixed_precision
+    from sqlora_hf.budget import output_sensitivity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"][0]).eval()
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(2))
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("SQLORA_CALIBRATION_BF16", flag)
+        monkeypatch.setattr(mixed_precision, "cpu_has_native_bf16", lambda: True)
+        hessians = {}
+        runs[flag] = output_sensitivity(model, ids, names, chunk=2, hessians=hessians), hessians
+    (fp32, h32), (bf16, h16) = runs["0"], runs["1"]
+    for name in names:
+        assert h16[name].dtype == torch.float32 and bf16[name].dtype == torch.float32
+        assert not torch.equal(bf16[name], fp32[name])  # bf16 products really ran
+        assert (bf16[name] - fp32[name]).norm() < 0.05 * fp32[name].norm()
+        assert (h16[name] - h32[name]).norm() < 0.02 * h32[name].norm()
+    # the first layer's Hessian is exact: its input (the embeddings, normed) is fp32 either way
+    torch.testing.assert_close(h16[names[0]], h32[names[0]], rtol=1e-5, atol=1e-6)
 
 
 def test_sensitivity_pass_collects_the_same_hessians_as_the_block_pass(tiny_model_dirs, monkeypatch):
