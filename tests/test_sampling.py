@@ -60,24 +60,27 @@ def test_uniforms_of_the_wrong_shape_are_refused(tiny_model_dirs):
         sample_continuations(model, torch.ones(2, 1, dtype=torch.long), 5, torch.rand(2, 5))
 
 
-def test_bf16_linear_copies_round_each_product_and_leave_the_model_as_it_was(tiny_model_dirs, monkeypatch):
-    """Sampling's bf16 Linears: inside, every Linear is exactly a bf16 product; outside, the fp32 model is
-    untouched (and nothing happens where bf16 is switched off or memory is short)."""
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bf16_linear_copies_round_each_product_and_leave_the_model_as_it_was(tiny_model_dirs, monkeypatch, arch):
+    """Sampling's bf16 Linears: inside, every Linear is exactly a bf16 product (bias too: Qwen2's q/k/v);
+    outside, the fp32 model is untouched (and nothing happens where bf16 is off or memory is short)."""
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
     from sqlora_hf import mixed_precision
 
     monkeypatch.setattr(mixed_precision, "cpu_has_native_bf16", lambda: True)  # the same on any CPU
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"][0]).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[arch][0]).eval()
     ids = torch.randint(0, 250, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(ids).logits
-        proj = model.model.layers[0].mlp.down_proj
+        proj = model.model.layers[0].self_attn.q_proj
+        assert (proj.bias is not None) == (arch == "qwen2")
         x = torch.randn(3, proj.in_features)
         with mixed_precision.bf16_linear_copies(model) as used:
             assert used
-            want = F.linear(x.bfloat16(), proj.weight.bfloat16()).float()
+            bias = None if proj.bias is None else proj.bias.bfloat16()
+            want = F.linear(x.bfloat16(), proj.weight.bfloat16(), bias).float()
             assert torch.equal(proj(x), want) and proj.weight.dtype == torch.float32
             inside = model(ids).logits
         assert inside.dtype == torch.float32 and not torch.equal(inside, before)
@@ -92,3 +95,16 @@ def test_bf16_linear_copies_round_each_product_and_leave_the_model_as_it_was(tin
         monkeypatch.setenv("SQLORA_CALIBRATION_BF16", "0")
         with mixed_precision.bf16_linear_copies(model) as used:
             assert not used and torch.equal(model(ids).logits, before)
+
+
+def test_self_generated_windows_with_bf16_copies_are_reproducible_and_restore_the_model(tiny_model_dirs, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from sqlora_hf import mixed_precision
+    from sqlora_hf.calibration import self_generated
+
+    monkeypatch.setattr(mixed_precision, "cpu_has_native_bf16", lambda: True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"][0]).eval()
+    first = self_generated(model, samples=4, seq_len=12, batch=2)
+    assert first.shape == (4, 12) and torch.equal(first, self_generated(model, samples=4, seq_len=12, batch=2))
+    assert not any("forward" in vars(m) for m in model.modules())
