@@ -66,6 +66,11 @@ SELF_ROWS = {
     "sqlora self-calibrated 4.25bpw, 64 x 512 sampled": dict(memory_budget="4.25bpw", calibration="self",
                                                             calibration_samples=64, calibration_seq_len=512),
     "sqlora self-calibrated 3.25bpw, 32 x 512 sampled (default)": dict(memory_budget="3.25bpw", calibration="self"),
+    # half the sampled text: what the faster setting costs
+    "sqlora self-calibrated 4.25bpw, 16 x 512 sampled": dict(memory_budget="4.25bpw", calibration="self",
+                                                            calibration_samples=16, calibration_seq_len=512),
+    "sqlora self-calibrated 3.25bpw, 16 x 512 sampled": dict(memory_budget="3.25bpw", calibration="self",
+                                                            calibration_samples=16, calibration_seq_len=512),
 }
 MINILM_ROWS = ["RTN NF4 g64 (no planner, rank 0)", "sqlora default (auto = 4.25 bpw)", "sqlora 3.25bpw"]
 # MiniLM cannot sample its own text, so its calibrated rows read real text: 128 windows of 128 tokens of
