@@ -51,9 +51,12 @@ def forward_autocast(device: torch.device) -> ContextManager:
 
 
 def _available_memory_bytes() -> int:
+    """MemAvailable (page cache counts as free), as the one-pass calibration's own memory check reads it."""
+    from .sequential import _available_bytes
+
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # not Linux: no way to tell, so assume there is room
+        return _available_bytes()
+    except (AttributeError, ValueError, OSError):  # no /proc/meminfo and no sysconf: assume there is room
         return 1 << 62
 
 
