@@ -16,8 +16,8 @@ Sampling `calibration="self"` text is the other slow forward work, but there aut
 each step multiplies only a few rows (32 windows) and autocast re-rounds every weight at every call,
 so it was 0.88-0.93x the fp32 speed. `bf16_linear_copies` rounds each Linear's weight once and keeps
 the copy for the whole loop: SmolLM2's 32 x 512 windows in 72 s instead of 92 s (1.5-1.7x over the
-first 256 tokens; later, attention over the growing cache dominates; docs/calibrated.md). Attention
-stays fp32 there: torch's CPU attention over a bf16 cache at one query was 3.4x slower than fp32.
+first 256 tokens; later the attention over the growing cache takes a larger share; docs/calibrated.md).
+Attention stays fp32 there: torch's CPU attention over a bf16 cache at one query was 3.4x slower.
 
 `SQLORA_CALIBRATION_BF16=0` keeps every forward in the model's own precision. CPUs without native
 bf16 keep it too (emulated bf16 products are slower than fp32), and so do other devices.
