@@ -176,7 +176,7 @@ def self_generated(model: Any, samples: int, seq_len: int, seed: int = 0, batch:
     rows = []
     was_training = model.training
     model.eval()
-    with torch.no_grad(), bf16_linear_copies(model), hf_logging.tqdm(
+    with torch.no_grad(), bf16_linear_copies(model, rows=batch), hf_logging.tqdm(
             total=samples * (seq_len - 1), desc="sqlora: sampling calibration text", unit="token",
             unit_scale=True) as bar:
         for first in range(0, samples, batch):
