@@ -54,10 +54,7 @@ def _available_memory_bytes() -> int:
     """MemAvailable (page cache counts as free), as the one-pass calibration's own memory check reads it."""
     from .sequential import _available_bytes
 
-    try:
-        return _available_bytes()
-    except (AttributeError, ValueError, OSError):  # no /proc/meminfo and no sysconf: assume there is room
-        return 1 << 62
+    return _available_bytes()
 
 
 def _bf16_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -99,14 +96,16 @@ def bf16_linear_copies(model: torch.nn.Module, rows: int = 32) -> Iterator[bool]
     if not linears or 2 * needed > _available_memory_bytes():
         yield False
         return
-    for m in linears:
-        bias = None if m.bias is None else m.bias.detach().to(torch.bfloat16)
-        # an instance attribute shadows the class's forward until deleted
-        m.forward = _bf16_linear(m.weight.detach().to(torch.bfloat16), bias, rows)
+    patched = []
     try:
-        yield True
-    finally:
         for m in linears:
+            bias = None if m.bias is None else m.bias.detach().to(torch.bfloat16)
+            # an instance attribute shadows the class's forward until deleted
+            m.forward = _bf16_linear(m.weight.detach().to(torch.bfloat16), bias, rows)
+            patched.append(m)
+        yield True
+    finally:  # also when making a copy failed half-way: every patched Linear gets its own forward back
+        for m in patched:
             del m.forward
 
 

@@ -108,3 +108,26 @@ def test_self_generated_windows_with_bf16_copies_are_reproducible_and_restore_th
     first = self_generated(model, samples=4, seq_len=12, batch=2)
     assert first.shape == (4, 12) and torch.equal(first, self_generated(model, samples=4, seq_len=12, batch=2))
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_bf16_linear_copies_failing_half_way_restore_every_linear(tiny_model_dirs, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from sqlora_hf import mixed_precision
+
+    monkeypatch.setattr(mixed_precision, "cpu_has_native_bf16", lambda: True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"][0]).eval()
+    made = []
+    real = mixed_precision._bf16_linear
+
+    def flaky(weight, bias, rows):
+        if len(made) == 3:
+            raise MemoryError("no room for another copy")
+        made.append(1)
+        return real(weight, bias, rows)
+
+    monkeypatch.setattr(mixed_precision, "_bf16_linear", flaky)
+    with pytest.raises(MemoryError):
+        with mixed_precision.bf16_linear_copies(model):
+            pass
+    assert len(made) == 3 and not any("forward" in vars(m) for m in model.modules())
