@@ -1786,6 +1786,152 @@ T_BF16 static int gemv4_words_avx512(int n_threads, const int T, const float *x,
     return SQ_OK;
 }
 
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Sparse 2:4 / 4:8, batches 1-2, AVX-512 BF16 + VBMI2: codes spread by `vpexpandb`, dot by vdpbf16ps */
+
+#define T_VBMI2_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,avx512bf16,avx2,fma")))
+
+/* x for `sparse_words_row`: per 64-column block, T terms (T = 1: x itself, every x a bfloat16; T = 2: the
+ * split hi, lo of `split16_avx512`), each as 32 words of the even columns then 32 of the odd ones. */
+T_BF16 static void sparse_words_x(const float *x, int64_t K, int T, uint16_t *xw) {
+    for (int64_t c = 0; c < K / 64; c++) {
+        uint16_t h[64], l[64];
+        for (int e = 0; e < 4; e++) {
+            const __m512 v = _mm512_loadu_ps(x + 64 * c + 16 * e);
+            __m512i hi, lo;
+            if (T == 2) split16_avx512(v, &hi, &lo);
+            else hi = _mm512_srli_epi32(_mm512_castps_si512(v), 16), lo = _mm512_setzero_si512();
+            _mm256_storeu_si256((__m256i *)(h + 16 * e), _mm512_cvtepi32_epi16(hi));
+            _mm256_storeu_si256((__m256i *)(l + 16 * e), _mm512_cvtepi32_epi16(lo));
+        }
+        uint16_t *d = xw + c * 64 * T;
+        for (int j = 0; j < 32; j++) {
+            d[j] = h[2 * j], d[32 + j] = h[2 * j + 1];
+            if (T == 2) d[64 + j] = l[2 * j], d[96 + j] = l[2 * j + 1];
+        }
+    }
+}
+
+/* R consecutive sparse rows against MB rows of x laid out by sparse_words_x (stride xs words): out[r MB + m].
+ * Per 64 columns the 32 stored nibbles become bytes (a broadcast load, a shift and a blend: a byte's bits
+ * 4-7 are left over from its neighbour, which the lookup ignores), one `vpexpandb` under the block's 64-bit
+ * mask puts each at its column (pruned columns get the table's exact zero), and two `vpermw` look up the
+ * even and the odd columns as bfloat16, whose `vdpbf16ps` with the matching x words is the dense word-lane
+ * kernel's. R (1, or 4 on long rows: each x load serves four rows), MB and T are compile-time constants in
+ * every caller. */
+T_VBMI2_BF16 static inline __attribute__((always_inline)) void
+sparse_words_rows(const uint8_t *row, const uint8_t *mrow, const float *srow, const __m512i table,
+                  const __m512i zfill, int group, int64_t K, const uint16_t *xw, int64_t xs, float *out, const int R,
+                  const int MB, const int T) {
+    const int64_t rb = K / 4, mb = K / 8, ss = K / group, ahead = 4 * rb; /* prefetch the same columns 4 rows on */
+    __m512 tot[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < R * MB; i++) tot[i] = _mm512_setzero_ps();
+    const int64_t cpg = group / 64;
+    for (int64_t c0 = 0; c0 < K / 64; c0 += cpg) {
+        __m512 a0[8], a1[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < R * MB; i++) a0[i] = a1[i] = _mm512_setzero_ps();
+        for (int64_t c = c0; c < c0 + cpg; c++) {
+            __m512bh we[4], wo[4];
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                const uint8_t *cr = row + r * rb, *mr = mrow + r * mb;
+                if ((c & 3) == 0) _mm_prefetch((const char *)(cr + 16 * c + R * ahead), _MM_HINT_T0);
+                if ((c & 7) == 0) _mm_prefetch((const char *)(mr + 8 * c + R * ahead / 2), _MM_HINT_T0);
+                __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(cr + 16 * c)));
+                b = _mm256_blend_epi32(b, _mm256_srli_epi16(b, 4), 0xF0); /* stored weight i in byte i, bits 0-3 */
+                uint64_t mk;
+                memcpy(&mk, mr + 8 * c, 8);
+                const __m512i v = _mm512_mask_expand_epi8(zfill, (__mmask64)mk, _mm512_castsi256_si512(b));
+                we[r] = (__m512bh)_mm512_permutexvar_epi16(v, table);
+                wo[r] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table);
+            }
+#pragma GCC unroll 2
+            for (int m = 0; m < MB; m++)
+#pragma GCC unroll 2
+                for (int u = 0; u < T; u++) {
+                    const uint16_t *xc = xw + m * xs + (c * T + u) * 64;
+                    const __m512bh xe = (__m512bh)_mm512_loadu_si512((const void *)xc);
+                    const __m512bh xo = (__m512bh)_mm512_loadu_si512((const void *)(xc + 32));
+#pragma GCC unroll 4
+                    for (int r = 0; r < R; r++) {
+                        a0[r * MB + m] = _mm512_dpbf16_ps(a0[r * MB + m], we[r], xe);
+                        a1[r * MB + m] = _mm512_dpbf16_ps(a1[r * MB + m], wo[r], xo);
+                    }
+                }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const __m512 sv = _mm512_set1_ps(srow[r * ss + c0 / cpg]);
+#pragma GCC unroll 2
+            for (int m = 0; m < MB; m++)
+                tot[r * MB + m] = _mm512_fmadd_ps(_mm512_add_ps(a0[r * MB + m], a1[r * MB + m]), sv, tot[r * MB + m]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R * MB; i++) out[i] = _mm512_reduce_add_ps(tot[i]);
+}
+
+/* Whether any of a row's `n` mask bytes keeps other than 4 columns: 64 bytes at a time, popcounts from two
+ * nibble lookups. Checked once per row before its dot product (the per-block scalar check cost the row
+ * about a fifth of its time); a bad mask gives wrong numbers but no read outside the row. */
+T_VBMI2_BF16 static inline __attribute__((always_inline)) int sparse_mask_row_bad(const uint8_t *mrow, int64_t n) {
+    const __m512i pop4 = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100);
+    const __m512i lo4 = _mm512_set1_epi8(15), four = _mm512_set1_epi8(4);
+    __mmask64 bad = 0;
+    for (int64_t i = 0; i < n; i += 64) {
+        const __mmask64 mk = n - i >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - i)) - 1);
+        const __m512i v = _mm512_maskz_loadu_epi8(mk, mrow + i);
+        const __m512i cnt = _mm512_add_epi8(_mm512_shuffle_epi8(pop4, _mm512_and_si512(v, lo4)),
+                                            _mm512_shuffle_epi8(pop4, _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4)));
+        bad |= _mm512_mask_cmpneq_epi8_mask(mk, cnt, four);
+    }
+    return bad != 0;
+}
+
+/* Batches 1-2 (M) of a 4-bit 2:4 / 4:8 layer whose table is bfloat16-exact and has an exact zero. Rows go
+ * in fours when K >= 6144, as in the dense word-lane kernel. */
+T_VBMI2_BF16 static int gemv4_sparse_words(int n_threads, const int T, const float *x, int64_t M, int64_t N,
+                                           int64_t K, int group, int zero_code, const uint8_t *codes,
+                                           const float *scales, const uint8_t *mask, const float *lut, const float *t,
+                                           const float *L, int64_t rank, const float *bias, float *y) {
+    const int64_t xs = K * T; /* words per row of laid-out x */
+    uint16_t *xw = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (size_t)(M * xs));
+    if (!xw) return SQ_ENOMEM;
+    for (int64_t m = 0; m < M; m++) sparse_words_x(x + m * K, K, T, xw + m * xs);
+    uint16_t tw[32];
+    for (int i = 0; i < 32; i++) tw[i] = bf16_round(lut[i & 15]); /* exact: lut_is_bf16 */
+    const __m512i table = _mm512_loadu_si512((const void *)tw);
+    const __m512i zfill = _mm512_set1_epi8((char)zero_code);
+    const int64_t rb = K / 4, spr = K / group;
+    const int G = M == 2 ? 2 : 4; /* rows per unit: 4 at batch 1, 2 at batch 2 (four spill registers there) */
+    const int64_t groups = N / G, units = groups + (N - G * groups);
+    int bad_mask = 0;
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int64_t u = 0; u < units; u++) {
+        const int64_t n0 = u < groups ? G * u : G * groups + (u - groups);
+        const int R = u < groups ? G : 1;
+        if (sparse_mask_row_bad(mask + n0 * (K / 8), R * (K / 8))) {
+            #pragma omp atomic write
+            bad_mask = 1;
+            continue;
+        }
+        float acc[8];
+#define SQ_SW(RR, MB, TT) sparse_words_rows(codes + n0 * rb, mask + n0 * (K / 8), scales + n0 * spr, table, zfill, \
+                                            group, K, xw, xs, acc, RR, MB, TT)
+        if (R == 4) { if (T == 2) SQ_SW(4, 1, 2); else SQ_SW(4, 1, 1); }
+        else if (R == 2) { if (T == 2) SQ_SW(2, 2, 2); else SQ_SW(2, 2, 1); }
+        else { if (M == 2) { if (T == 2) SQ_SW(1, 2, 2); else SQ_SW(1, 2, 1); }
+               else { if (T == 2) SQ_SW(1, 1, 2); else SQ_SW(1, 1, 1); } }
+#undef SQ_SW
+        store_block_avx512(y, acc, R, (int)M, 0, n0, N, bias, t, L, rank);
+    }
+    free(xw);
+    return bad_mask ? SQ_EBADLEN : SQ_OK;
+}
+
 T_AVX512 static inline __attribute__((always_inline)) __m512 _mm512_insertf32x8_avx512f(float s0, float s1) {
     return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(s0)), _mm256_castps_pd(_mm256_set1_ps(s1)), 1));
 }
@@ -2551,6 +2697,13 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
     }
     if (M <= SQ_SMALL_M && bits == 4 && !sparsity && isa == ISA_AVX512) {
         int rc = gemm4_avx512(n_threads, x, M, N, K, group, codes, scales, lut, t, L, rank, bias, y);
+        free(t);
+        return rc;
+    }
+    if (M <= SQ_WORDS_MAX_M && bits == 4 && sparsity && isa == ISA_AVX512 && !(flags & SQ_FLAG_EXACT) &&
+        cpu_has_vbmi2() && cpu_has_bf16() && lut_is_bf16(lut, 16) && zero_code(lut) >= 0) {
+        int rc = gemv4_sparse_words(n_threads, (flags & SQ_FLAG_BF16_X) ? 1 : 2, x, M, N, K, group, zero_code(lut),
+                                    codes, scales, mask, lut, t, L, rank, bias, y);
         free(t);
         return rc;
     }

@@ -164,6 +164,7 @@ def test_leading_dims_and_half_inputs(isa):
 
 
 BF16_KERNEL = "avx512" in ISAS and bool(library.load().sqlora_cpu_bf16_supported())
+VBMI2 = os.path.exists("/proc/cpuinfo") and " avx512_vbmi2" in open("/proc/cpuinfo").read()
 
 
 @pytest.mark.skipif(not BF16_KERNEL, reason="the bf16 kernel needs an AVX-512 BF16 CPU")
@@ -221,15 +222,23 @@ def test_exact_small_batches_in_row_pairs(isa, monkeypatch, group, k, m):
 
 @pytest.mark.parametrize("sparsity", ["2:4", "4:8"])
 @pytest.mark.parametrize("group,k", [(64, 320), (128, 1152), (256, 4352)])
-def test_sparse_small_batches(isa, sparsity, group, k):
+def test_sparse_small_batches(isa, monkeypatch, sparsity, group, k):
     # Sparse rows at batches 1-6 (on AVX-512 VBMI2: codes spread to their columns by vpexpandb, blocks of
-    # 4, 2 and 1 rows of x) against a float64 oracle: every product is exact, so only the summation order
-    # differs.
+    # 4, 2 and 1 rows of x) against a float64 oracle. Exact path: every product is exact, so only the
+    # summation order differs. Default: batches 1-2 on an AVX-512 BF16 CPU take the word-lane kernel with x
+    # split into two bf16 terms (at most 2^-18 of each x left out), the others stay exact.
     module = make_layer(37, k, 4, group, sparsity, rank=3, bias=True, seed=group)
     for m in (1, 2, 3, 6):
-        x = torch.randn(m, k)
+        x = torch.randn(m, k) * torch.exp(torch.randn(m, k))
         ref = run(module, x.double(), "reference").float()
-        assert_close_rel(run(module, x, "cpu"), ref, tol=2e-6)
+        monkeypatch.setenv("SQLORA_CPU_EXACT", "1")
+        exact = run(module, x, "cpu")
+        assert_close_rel(exact, ref, tol=2e-6)
+        monkeypatch.delenv("SQLORA_CPU_EXACT")
+        default = run(module, x, "cpu")
+        assert_close_rel(default, ref, tol=2e-5)
+        if isa == "avx512" and BF16_KERNEL and VBMI2 and m <= 2:
+            assert not torch.equal(default, exact)  # the split kernel really ran
 
 
 def test_exact_flag_must_be_0_or_1(monkeypatch):
@@ -293,6 +302,10 @@ def test_corrupt_buffers_are_rejected_before_the_kernel_reads():
     broken[0, 0] = 0xFF
     with pytest.raises(RuntimeError, match="buffer length"):
         op(*dict(args, mask=broken).values(), 16, 4, 64, 1)
+    broken = p["mask"].clone()
+    broken[-1, -1] = 0x1F  # the last byte of the last row, at batch 2 (each batch size has its own kernel)
+    with pytest.raises(RuntimeError, match="buffer length"):
+        op(*dict(args, x=torch.randn(2, 128), mask=broken).values(), 16, 4, 64, 1)
     # Through the module: a truncated qcodes buffer is refused when the kernel prepares the layer.
     module.qcodes = c["qcodes"][:, :-1].contiguous()
     module._kernel_cache.clear()
