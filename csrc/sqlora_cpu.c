@@ -1755,9 +1755,9 @@ T_BF16 static void words_rows_g(const uint8_t *row, const float *scales, const _
     }
 }
 
-/* Batch 1 or 2 (M), 4-bit dense, bf16 table. Rows go in fours only when K >= 6144 (each x load then serves
- * four rows), one at a time otherwise, as in the fp32 nibble-lane kernel; both prefetch the same columns
- * 4 rows ahead. Side by side on cold weights (1 thread, Zen 4): with the old 2 KB-ahead prefetch (which at
+/* Batch 1 or 2 (M), 4-bit dense, bf16 table. Rows go in fours (each x load then serves four rows) on short
+ * and long rows and at batch 2 from K = 4096 (below), one at a time otherwise; both prefetch the same
+ * columns 4 rows ahead. Side by side on cold weights (1 thread, Zen 4): with the old 2 KB-ahead prefetch (which at
  * K = 4096 points into the row that is already being read), four rows took 0.6 ms at 4096^2 against 0.31
  * for one row with the 4-rows-ahead prefetch. */
 T_BF16 static int gemv4_words_avx512(int n_threads, const int T, const float *x, int64_t M, int64_t N, int64_t K,
@@ -1771,7 +1771,11 @@ T_BF16 static int gemv4_words_avx512(int n_threads, const int T, const float *x,
     for (int i = 0; i < 32; i++) tw[i] = (uint16_t)(bf16_round(lut[i & 15])); /* exact: lut_is_bf16 */
     const __m512i table = _mm512_loadu_si512((const void *)tw);
     const int MB = (int)M;
-    const int64_t quads = K >= 6144 ? N / 4 : 0, units = quads + (N - 4 * quads);
+    /* Rows in fours where that measured faster (1 thread, cold weights, 2026-12-07, side by side): short rows
+     * (K = 576: 1.17-1.27x at batches 1 and 2; the per-row reduction and tail are shared), long ones, and
+     * batch 2 at K >= 4096 (1.23-1.27x). At K = 1024-4096, batch 1, single rows were faster (quads 0.71-0.92x). */
+    const int fours = K < 1536 || K >= 6144 || (M == 2 && K >= 4096);
+    const int64_t quads = fours ? N / 4 : 0, units = quads + (N - 4 * quads);
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
     for (int64_t u = 0; u < units; u++) {
         const int64_t n0 = u < quads ? 4 * u : 4 * quads + (u - quads);
