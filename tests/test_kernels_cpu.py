@@ -241,6 +241,23 @@ def test_sparse_small_batches(isa, monkeypatch, sparsity, group, k):
             assert not torch.equal(default, exact)  # the split kernel really ran
 
 
+@pytest.mark.skipif(not BF16_KERNEL, reason="the bf16 kernel needs an AVX-512 BF16 CPU")
+@pytest.mark.parametrize("sparsity", ["2:4", "4:8"])
+@pytest.mark.parametrize("m", [1, 2])
+def test_sparse_bf16_inputs_are_exact(monkeypatch, sparsity, m):
+    # bf16-valued x takes the sparse word-lane kernel with one bf16 term (no split): the products are exact,
+    # so only the fp32 summation order differs from a float64 oracle.
+    from sqlora_hf.kernels.cpu import ops, prepared
+
+    monkeypatch.setenv("SQLORA_CPU_ISA", "avx512")
+    module = make_layer(37, 4352, 4, 128, sparsity, rank=3, bias=True)
+    run(module, torch.randn(1, 4352), "cpu")  # prepares the kernel cache
+    d = prepared(module)["described"]
+    x = torch.randn(m, 4352).to(torch.bfloat16).float()
+    ref = run(module, x.double(), "reference").float()
+    assert_close_rel(ops.run(d, x, bf16_x=True), ref, tol=2e-6)
+
+
 def test_exact_flag_must_be_0_or_1(monkeypatch):
     monkeypatch.setenv("SQLORA_CPU_EXACT", "yes")
     module = make_layer(16, 64, 4, 64, None, rank=0, bias=False)
