@@ -1794,6 +1794,9 @@ T_BF16 static int gemv4_words_avx512(int n_threads, const int T, const float *x,
 /* ---------------------------------------------------------------------------------------------- */
 /* Sparse 2:4 / 4:8, batches 1-2, AVX-512 BF16 + VBMI2: codes spread by `vpexpandb`, dot by vdpbf16ps */
 
+#ifndef SQ_SPARSE_WORDS_MAX_M
+#define SQ_SPARSE_WORDS_MAX_M 16 /* 4-bit 2:4 / 4:8 batches up to this take the word-lane sparse kernel (bf16 table) */
+#endif
 #define T_VBMI2_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,avx512bf16,avx2,fma")))
 
 /* x for `sparse_words_row`: per 64-column block, T terms (T = 1: x itself, every x a bfloat16; T = 2: the
@@ -1822,8 +1825,8 @@ T_BF16 static void sparse_words_x(const float *x, int64_t K, int T, uint16_t *xw
  * 4-7 are left over from its neighbour, which the lookup ignores), one `vpexpandb` under the block's 64-bit
  * mask puts each at its column (pruned columns get the table's exact zero), and two `vpermw` look up the
  * even and the odd columns as bfloat16, whose `vdpbf16ps` with the matching x words is the dense word-lane
- * kernel's. R (1, or 4 on long rows: each x load serves four rows), MB and T are compile-time constants in
- * every caller. */
+ * kernel's. R x MB is 4 x 1, 2 x 2 or 1 x MB (MB = 1, 2, 4); R, MB and T are compile-time constants in every
+ * caller. */
 T_VBMI2_BF16 static inline __attribute__((always_inline)) void
 sparse_words_rows(const uint8_t *row, const uint8_t *mrow, const float *srow, const __m512i table,
                   const __m512i zfill, int group, int64_t K, const uint16_t *xw, int64_t xs, float *out, const int R,
@@ -1852,7 +1855,7 @@ sparse_words_rows(const uint8_t *row, const uint8_t *mrow, const float *srow, co
                 we[r] = (__m512bh)_mm512_permutexvar_epi16(v, table);
                 wo[r] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table);
             }
-#pragma GCC unroll 2
+#pragma GCC unroll 4
             for (int m = 0; m < MB; m++)
 #pragma GCC unroll 2
                 for (int u = 0; u < T; u++) {
@@ -1869,7 +1872,7 @@ sparse_words_rows(const uint8_t *row, const uint8_t *mrow, const float *srow, co
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             const __m512 sv = _mm512_set1_ps(srow[r * ss + c0 / cpg]);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
             for (int m = 0; m < MB; m++)
                 tot[r * MB + m] = _mm512_fmadd_ps(_mm512_add_ps(a0[r * MB + m], a1[r * MB + m]), sv, tot[r * MB + m]);
         }
@@ -1895,9 +1898,11 @@ T_VBMI2_BF16 static inline __attribute__((always_inline)) int sparse_mask_row_ba
     return bad != 0;
 }
 
-/* Batches 1-2 (M) of a 4-bit 2:4 / 4:8 layer whose table is bfloat16-exact and has an exact zero. Rows go
- * in fours when K >= 6144, as in the dense word-lane kernel. */
-T_VBMI2_BF16 static int gemv4_sparse_words(int n_threads, const int T, const float *x, int64_t M, int64_t N,
+/* Batches 1-SQ_SPARSE_WORDS_MAX_M (M) of a 4-bit 2:4 / 4:8 layer whose table is bfloat16-exact and has an
+ * exact zero. Batch 1: rows in fours (each x load serves four rows); batch 2: rows in pairs (fours spill);
+ * larger batches: one row at a time against blocks of 4, 2 and 1 rows of x (each row's lookups serve a block;
+ * the row's codes stay in L1 between blocks). */
+T_VBMI2_BF16 static int gemm4_sparse_words(int n_threads, const int T, const float *x, int64_t M, int64_t N,
                                            int64_t K, int group, int zero_code, const uint8_t *codes,
                                            const float *scales, const uint8_t *mask, const float *lut, const float *t,
                                            const float *L, int64_t rank, const float *bias, float *y) {
@@ -1910,7 +1915,7 @@ T_VBMI2_BF16 static int gemv4_sparse_words(int n_threads, const int T, const flo
     const __m512i table = _mm512_loadu_si512((const void *)tw);
     const __m512i zfill = _mm512_set1_epi8((char)zero_code);
     const int64_t rb = K / 4, spr = K / group;
-    const int G = M == 2 ? 2 : 4; /* rows per unit: 4 at batch 1, 2 at batch 2 (four spill registers there) */
+    const int G = M == 1 ? 4 : M == 2 ? 2 : 1; /* weight rows per unit */
     const int64_t groups = N / G, units = groups + (N - G * groups);
     int bad_mask = 0;
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
@@ -1924,13 +1929,26 @@ T_VBMI2_BF16 static int gemv4_sparse_words(int n_threads, const int T, const flo
         }
         float acc[8];
 #define SQ_SW(RR, MB, TT) sparse_words_rows(codes + n0 * rb, mask + n0 * (K / 8), scales + n0 * spr, table, zfill, \
-                                            group, K, xw, xs, acc, RR, MB, TT)
-        if (R == 4) { if (T == 2) SQ_SW(4, 1, 2); else SQ_SW(4, 1, 1); }
-        else if (R == 2) { if (T == 2) SQ_SW(2, 2, 2); else SQ_SW(2, 2, 1); }
-        else { if (M == 2) { if (T == 2) SQ_SW(1, 2, 2); else SQ_SW(1, 2, 1); }
-               else { if (T == 2) SQ_SW(1, 1, 2); else SQ_SW(1, 1, 1); } }
+                                            group, K, xw + m0 * xs, xs, acc, RR, MB, TT)
+        if (R == 4) {
+            const int64_t m0 = 0;
+            if (T == 2) SQ_SW(4, 1, 2); else SQ_SW(4, 1, 1);
+            store_block_avx512(y, acc, 4, 1, 0, n0, N, bias, t, L, rank);
+        } else if (R == 2) {
+            const int64_t m0 = 0;
+            if (T == 2) SQ_SW(2, 2, 2); else SQ_SW(2, 2, 1);
+            store_block_avx512(y, acc, 2, 2, 0, n0, N, bias, t, L, rank);
+        } else {
+            for (int64_t m0 = 0; m0 < M;) {
+                const int mb = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;
+                if (mb == 4) { if (T == 2) SQ_SW(1, 4, 2); else SQ_SW(1, 4, 1); }
+                else if (mb == 2) { if (T == 2) SQ_SW(1, 2, 2); else SQ_SW(1, 2, 1); }
+                else { if (T == 2) SQ_SW(1, 1, 2); else SQ_SW(1, 1, 1); }
+                store_block_avx512(y, acc, 1, mb, m0, n0, N, bias, t, L, rank);
+                m0 += mb;
+            }
+        }
 #undef SQ_SW
-        store_block_avx512(y, acc, R, (int)M, 0, n0, N, bias, t, L, rank);
     }
     free(xw);
     return bad_mask ? SQ_EBADLEN : SQ_OK;
@@ -2704,9 +2722,9 @@ static int linear_impl(int isa, int flags, int n_threads, const float *x, int64_
         free(t);
         return rc;
     }
-    if (M <= SQ_WORDS_MAX_M && bits == 4 && sparsity && isa == ISA_AVX512 && !(flags & SQ_FLAG_EXACT) &&
+    if (M <= SQ_SPARSE_WORDS_MAX_M && bits == 4 && sparsity && isa == ISA_AVX512 && !(flags & SQ_FLAG_EXACT) &&
         cpu_has_vbmi2() && cpu_has_bf16() && lut_is_bf16(lut, 16) && zero_code(lut) >= 0) {
-        int rc = gemv4_sparse_words(n_threads, (flags & SQ_FLAG_BF16_X) ? 1 : 2, x, M, N, K, group, zero_code(lut),
+        int rc = gemm4_sparse_words(n_threads, (flags & SQ_FLAG_BF16_X) ? 1 : 2, x, M, N, K, group, zero_code(lut),
                                     codes, scales, mask, lut, t, L, rank, bias, y);
         free(t);
         return rc;

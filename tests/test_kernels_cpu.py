@@ -223,12 +223,12 @@ def test_exact_small_batches_in_row_pairs(isa, monkeypatch, group, k, m):
 @pytest.mark.parametrize("sparsity", ["2:4", "4:8"])
 @pytest.mark.parametrize("group,k", [(64, 320), (128, 1152), (256, 4352)])
 def test_sparse_small_batches(isa, monkeypatch, sparsity, group, k):
-    # Sparse rows at batches 1-6 (on AVX-512 VBMI2: codes spread to their columns by vpexpandb, blocks of
+    # Sparse rows at small batches (on AVX-512 VBMI2: codes spread to their columns by vpexpandb, blocks of
     # 4, 2 and 1 rows of x) against a float64 oracle. Exact path: every product is exact, so only the
-    # summation order differs. Default: batches 1-2 on an AVX-512 BF16 CPU take the word-lane kernel with x
-    # split into two bf16 terms (at most 2^-18 of each x left out), the others stay exact.
+    # summation order differs. Default: batches 1-16 on an AVX-512 BF16 CPU take the word-lane kernel with x
+    # split into two bf16 terms (at most 2^-18 of each x left out); elsewhere the exact kernels run.
     module = make_layer(37, k, 4, group, sparsity, rank=3, bias=True, seed=group)
-    for m in (1, 2, 3, 6):
+    for m in (1, 2, 3, 6, 7, 16):
         x = torch.randn(m, k) * torch.exp(torch.randn(m, k))
         ref = run(module, x.double(), "reference").float()
         monkeypatch.setenv("SQLORA_CPU_EXACT", "1")
@@ -237,7 +237,7 @@ def test_sparse_small_batches(isa, monkeypatch, sparsity, group, k):
         monkeypatch.delenv("SQLORA_CPU_EXACT")
         default = run(module, x, "cpu")
         assert_close_rel(default, ref, tol=2e-5)
-        if isa == "avx512" and BF16_KERNEL and VBMI2 and m <= 2:
+        if isa == "avx512" and BF16_KERNEL and VBMI2:
             assert not torch.equal(default, exact)  # the split kernel really ran
 
 
