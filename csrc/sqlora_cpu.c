@@ -1792,14 +1792,14 @@ T_BF16 static int gemv4_words_avx512(int n_threads, const int T, const float *x,
 
 
 /* ---------------------------------------------------------------------------------------------- */
-/* Sparse 2:4 / 4:8, batches 1-2, AVX-512 BF16 + VBMI2: codes spread by `vpexpandb`, dot by vdpbf16ps */
+/* Sparse 2:4 / 4:8, batches 1-16, AVX-512 BF16 + VBMI2: codes spread by `vpexpandb`, dot by vdpbf16ps */
 
 #ifndef SQ_SPARSE_WORDS_MAX_M
 #define SQ_SPARSE_WORDS_MAX_M 16 /* 4-bit 2:4 / 4:8 batches up to this take the word-lane sparse kernel (bf16 table) */
 #endif
 #define T_VBMI2_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,avx512bf16,avx2,fma")))
 
-/* x for `sparse_words_row`: per 64-column block, T terms (T = 1: x itself, every x a bfloat16; T = 2: the
+/* x for `sparse_words_rows`: per 64-column block, T terms (T = 1: x itself, every x a bfloat16; T = 2: the
  * split hi, lo of `split16_avx512`), each as 32 words of the even columns then 32 of the odd ones. */
 T_BF16 static void sparse_words_x(const float *x, int64_t K, int T, uint16_t *xw) {
     for (int64_t c = 0; c < K / 64; c++) {
