@@ -1825,8 +1825,8 @@ T_BF16 static void sparse_words_x(const float *x, int64_t K, int T, uint16_t *xw
  * 4-7 are left over from its neighbour, which the lookup ignores), one `vpexpandb` under the block's 64-bit
  * mask puts each at its column (pruned columns get the table's exact zero), and two `vpermw` look up the
  * even and the odd columns as bfloat16, whose `vdpbf16ps` with the matching x words is the dense word-lane
- * kernel's. R x MB is 4 x 1, 2 x 2 or 1 x MB (MB = 1, 2, 4); R, MB and T are compile-time constants in every
- * caller. */
+ * kernel's. R x MB is 4 x 1, 2 x MB (MB = 1, 2) or 1 x MB (MB = 1, 2, 4); R, MB and T are compile-time
+ * constants in every caller. */
 T_VBMI2_BF16 static inline __attribute__((always_inline)) void
 sparse_words_rows(const uint8_t *row, const uint8_t *mrow, const float *srow, const __m512i table,
                   const __m512i zfill, int group, int64_t K, const uint16_t *xw, int64_t xs, float *out, const int R,
@@ -1900,8 +1900,8 @@ T_VBMI2_BF16 static inline __attribute__((always_inline)) int sparse_mask_row_ba
 
 /* Batches 1-SQ_SPARSE_WORDS_MAX_M (M) of a 4-bit 2:4 / 4:8 layer whose table is bfloat16-exact and has an
  * exact zero. Batch 1: rows in fours (each x load serves four rows); batch 2: rows in pairs (fours spill);
- * larger batches: one row at a time against blocks of 4, 2 and 1 rows of x (each row's lookups serve a block;
- * the row's codes stay in L1 between blocks). */
+ * larger batches: pairs of rows against blocks of 2 and 1 rows of x on long rows, single rows against blocks
+ * of 4, 2 and 1 on short ones (each row's lookups serve a block; its codes stay in L1 between blocks). */
 T_VBMI2_BF16 static int gemm4_sparse_words(int n_threads, const int T, const float *x, int64_t M, int64_t N,
                                            int64_t K, int group, int zero_code, const uint8_t *codes,
                                            const float *scales, const uint8_t *mask, const float *lut, const float *t,
@@ -1915,7 +1915,9 @@ T_VBMI2_BF16 static int gemm4_sparse_words(int n_threads, const int T, const flo
     const __m512i table = _mm512_loadu_si512((const void *)tw);
     const __m512i zfill = _mm512_set1_epi8((char)zero_code);
     const int64_t rb = K / 4, spr = K / group;
-    const int G = M == 1 ? 4 : M == 2 ? 2 : 1; /* weight rows per unit */
+    /* weight rows per unit; at 3-16 rows of x, pairs share the x loads on long rows (1.05-1.13x single rows at
+     * K = 4096 and 11008, 1 and 2 threads) but not on short ones (0.85-1.0x at K = 576 and 1536) */
+    const int G = M == 1 ? 4 : M == 2 || K >= 4096 ? 2 : 1;
     const int64_t groups = N / G, units = groups + (N - G * groups);
     int bad_mask = 0;
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
@@ -1935,9 +1937,13 @@ T_VBMI2_BF16 static int gemm4_sparse_words(int n_threads, const int T, const flo
             if (T == 2) SQ_SW(4, 1, 2); else SQ_SW(4, 1, 1);
             store_block_avx512(y, acc, 4, 1, 0, n0, N, bias, t, L, rank);
         } else if (R == 2) {
-            const int64_t m0 = 0;
-            if (T == 2) SQ_SW(2, 2, 2); else SQ_SW(2, 2, 1);
-            store_block_avx512(y, acc, 2, 2, 0, n0, N, bias, t, L, rank);
+            for (int64_t m0 = 0; m0 < M;) {
+                const int mb = M - m0 >= 2 ? 2 : 1;
+                if (mb == 2) { if (T == 2) SQ_SW(2, 2, 2); else SQ_SW(2, 2, 1); }
+                else { if (T == 2) SQ_SW(2, 1, 2); else SQ_SW(2, 1, 1); }
+                store_block_avx512(y, acc, 2, mb, m0, n0, N, bias, t, L, rank);
+                m0 += mb;
+            }
         } else {
             for (int64_t m0 = 0; m0 < M;) {
                 const int mb = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;
