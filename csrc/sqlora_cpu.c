@@ -1929,32 +1929,23 @@ T_VBMI2_BF16 static int gemm4_sparse_words(int n_threads, const int T, const flo
             bad_mask = 1;
             continue;
         }
-        float acc[8];
-#define SQ_SW(RR, MB, TT) sparse_words_rows(codes + n0 * rb, mask + n0 * (K / 8), scales + n0 * spr, table, zfill, \
-                                            group, K, xw + m0 * xs, xs, acc, RR, MB, TT)
-        if (R == 4) {
-            const int64_t m0 = 0;
-            if (T == 2) SQ_SW(4, 1, 2); else SQ_SW(4, 1, 1);
-            store_block_avx512(y, acc, 4, 1, 0, n0, N, bias, t, L, rank);
-        } else if (R == 2) {
-            for (int64_t m0 = 0; m0 < M;) {
-                const int mb = M - m0 >= 2 ? 2 : 1;
-                if (mb == 2) { if (T == 2) SQ_SW(2, 2, 2); else SQ_SW(2, 2, 1); }
-                else { if (T == 2) SQ_SW(2, 1, 2); else SQ_SW(2, 1, 1); }
-                store_block_avx512(y, acc, 2, mb, m0, n0, N, bias, t, L, rank);
-                m0 += mb;
-            }
-        } else {
-            for (int64_t m0 = 0; m0 < M;) {
-                const int mb = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;
-                if (mb == 4) { if (T == 2) SQ_SW(1, 4, 2); else SQ_SW(1, 4, 1); }
-                else if (mb == 2) { if (T == 2) SQ_SW(1, 2, 2); else SQ_SW(1, 2, 1); }
-                else { if (T == 2) SQ_SW(1, 1, 2); else SQ_SW(1, 1, 1); }
-                store_block_avx512(y, acc, 1, mb, m0, n0, N, bias, t, L, rank);
-                m0 += mb;
-            }
-        }
+        const int most = R == 4 ? 1 : R == 2 ? 2 : 4; /* rows of x per block: R x most accumulators fit */
+        for (int64_t m0 = 0; m0 < M;) {
+            const int mb = M - m0 >= 4 && most == 4 ? 4 : M - m0 >= 2 && most >= 2 ? 2 : 1;
+            float acc[8];
+#define SQ_SW(RR, MB) do { if (T == 2) sparse_words_rows(codes + n0 * rb, mask + n0 * (K / 8), scales + n0 * spr, \
+                              table, zfill, group, K, xw + m0 * xs, xs, acc, RR, MB, 2); \
+                           else sparse_words_rows(codes + n0 * rb, mask + n0 * (K / 8), scales + n0 * spr, \
+                              table, zfill, group, K, xw + m0 * xs, xs, acc, RR, MB, 1); } while (0)
+            if (R == 4) SQ_SW(4, 1);
+            else if (R == 2) { if (mb == 2) SQ_SW(2, 2); else SQ_SW(2, 1); }
+            else if (mb == 4) SQ_SW(1, 4);
+            else if (mb == 2) SQ_SW(1, 2);
+            else SQ_SW(1, 1);
 #undef SQ_SW
+            store_block_avx512(y, acc, R, mb, m0, n0, N, bias, t, L, rank);
+            m0 += mb;
+        }
     }
     free(xw);
     return bad_mask ? SQ_EBADLEN : SQ_OK;
