@@ -409,10 +409,16 @@ def _compress_model(model: nn.Module, config: Any, calibration_data: Any, tokeni
     was_training = model.training
     model.eval()
     specs: dict[str, CalibratedSpec] = {}
-    if config.memory_budget not in (None, "auto"):
-        from .budget import plan_calibrated_budget
+    if config.memory_budget is not None:
+        from .budget import plan_calibrated_auto, plan_calibrated_budget
+        from .compression.planner import parse_budget
 
-        specs = plan_calibrated_budget(model, config, batch.input_ids, base, skip, prefix, blocks)
+        if parse_budget(config.memory_budget).auto:
+            per_block = [(f"{prefix}.{i}", _eligible(block, f"{prefix}.{i}", skip, config))
+                         for i, block in enumerate(blocks)]
+            specs = plan_calibrated_auto(config, base, per_block)
+        else:
+            specs = plan_calibrated_budget(model, config, batch.input_ids, base, skip, prefix, blocks)
 
     def spec_for(full_name: str) -> CalibratedSpec:
         return specs.get(full_name, base)

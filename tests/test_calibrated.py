@@ -402,7 +402,7 @@ def test_self_generated_calibration_needs_no_data_and_is_reproducible(tiny_model
 
     path, _ = tiny_model_dirs["llama"]
     own = SQLoRAConfig(calibration="self")
-    assert (own.calibration_samples, own.calibration_seq_len, SQLoRAConfig().calibration_samples) == (32, 512, 128)
+    assert (own.calibration_samples, own.calibration_seq_len, SQLoRAConfig().calibration_samples) == (16, 512, 128)
     with pytest.raises(ValueError, match=r"calibration_seq_len=512 is longer than the model's 128 positions"):
         AutoModelForCausalLM.from_pretrained(path, quantization_config=own)  # the tiny model has 128
 
@@ -486,6 +486,31 @@ def test_calibrated_budget_is_met_and_mixes_configurations(tiny_model_dirs, budg
     assert target * 0.97 <= rep["bits_per_weight"] <= target
     configs = {(m.bits, m.group_size, m.rank) for m in model.modules() if isinstance(m, SQLoRALinear)}
     assert len(configs) > 1  # the knapsack traded bytes between layers
+
+
+@pytest.mark.parametrize("rank", ["auto", 2])
+def test_calibrated_default_budget_keeps_bits_and_lands_at_the_nominal_size(tiny_model_dirs, rank):
+    """The default "auto" budget with calibration: every layer keeps `bits`, no group finer than
+    `group_size`, `rank="auto"` means no correction, a pinned rank is kept, and the model lands at or
+    below the nominal bits per weight (4.25 for NF4 g64) plus the pinned rank, metadata included."""
+    from transformers import AutoModelForCausalLM
+
+    path, _ = tiny_model_dirs["llama"]
+    torch.manual_seed(0)
+    calib = torch.randint(0, 256, (4, 32))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    pinned = 0 if rank == "auto" else rank
+    nominal_bytes = sum(4.25 * m.weight.numel() / 8 + 2 * pinned * sum(m.weight.shape) for m in linears.values())
+    sqlora_hf.compress(model, SQLoRAConfig(group_size=64, rank=rank, calibration_samples=4, calibration_seq_len=32),
+                       calib)
+    layers = [m for m in model.modules() if isinstance(m, SQLoRALinear)]
+    assert len(layers) == len(linears)
+    assert {m.bits for m in layers} == {4}
+    assert {m.rank for m in layers} == {pinned}
+    assert min(m.group_size for m in layers) >= 64
+    assert any(m.group_size > 64 for m in layers)  # metadata paid for by coarser groups
+    assert sum(m.packed().nbytes() for m in layers) <= nominal_bytes
 
 
 def test_calibrated_budget_hessian_errors_rank_like_the_output_error():
