@@ -156,13 +156,13 @@ def self_generated(model: Any, samples: int, seq_len: int, seed: int = 0, batch:
     continues by plain sampling at temperature 1: the random start spreads the windows over many
     topics, where sampling from BOS keeps returning to the model's favourite openings. SmolLM2-135M at
     4.25 bpw, 40 windows of evaluation: 64 x 256 tokens 1.094x the fp32 perplexity against 1.105x
-    from BOS; the default 32 x 512 (same token count) 1.078x over 98 windows; 1.28x data-free
-    (docs/calibrated.md). Deterministic for a given seed on a given machine; the global RNG state is
+    from BOS; 32 x 512 (same token count) 1.078x over 98 windows, and the default 16 x 512 1.084-1.086x;
+    1.28x data-free (docs/calibrated.md). Deterministic for a given seed on a given machine; the global RNG state is
     left untouched. EOS is never sampled, so every window runs to `seq_len` tokens. The sampling loop
     is `sampling.sample_continuations` (reserved KV cache, inverse-CDF draws): 1.33x faster than
     `model.generate` on SmolLM2. On CPUs with native bf16 the Linears sample with bf16 copies of their
     weights (`mixed_precision.bf16_linear_copies`, unless `SQLORA_CALIBRATION_BF16=0` or memory is
-    short): 1.27x faster again (SmolLM2, 32 x 512: 72 s against 92 s), and the text is still the
+    short): 1.27x faster again (SmolLM2, 32 x 512: 72 s against 92 s; 16 x 512 takes ~35 s), and the text is still the
     model's own, rounded the way a bf16 deployment of it would write.
     """
     can_generate = getattr(model, "can_generate", None)

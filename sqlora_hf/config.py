@@ -51,7 +51,8 @@ class SQLoRAConfig(QuantizationConfigMixin):
             one (3); a checkpoint of an older version (1, 2) is read with its own codebooks.
         memory_budget: "auto" (default: the nominal bits per weight of `bits`/`group_size`, e.g. 4.25
             for 4-bit groups of 64, plus a pinned int `rank`'s bytes; the planner keeps `bits`, may only
-            coarsen groups to pay for metadata, and buys rank where it pays), None (every layer exactly at `bits`/`group_size`), an int number of bytes or a size
+            coarsen groups to pay for metadata, and buys rank where it pays; with calibration the
+            layout is the same uniform one and `rank="auto"` means rank 0, with no planning pass), None (every layer exactly at `bits`/`group_size`), an int number of bytes or a size
             string ("320MB", "1.5GiB") for the whole model, everything counted, or "3.25bpw" (average
             bits per weight over the compressed layers, as `report()` counts them). With a budget the
             checkpoint is planned before loading: each layer gets one of `tiers` × group sizes × ranks,
@@ -84,7 +85,7 @@ class SQLoRAConfig(QuantizationConfigMixin):
             activation aware (GPTQ with the low-rank term fitted to the data) and runs after the fp
             model has loaded. Only a record of it (source, samples, length, sha256) is written to
             config.json.
-        calibration_samples: number of calibration windows (default 128; 32 with "self").
+        calibration_samples: number of calibration windows (default 128; 16 with "self").
         calibration_seq_len: tokens per window (default 512, also with "self").
         calibration_method: "intrinsic" (GPTQ-intrinsic LoRA), "eora" (GPTQ, then the whitened-SVD
             correction of the residual) or "gptq" (GPTQ, then a plain SVD correction).
