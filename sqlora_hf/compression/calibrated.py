@@ -31,7 +31,9 @@ class CalibratedSpec:
 
 
 def calibrated_auto_rank(rows: int, cols: int) -> int:
-    """`rank="auto"` with calibration data: 16, or less where that would cost over 0.25 bit per weight."""
+    """`rank="auto"` with calibration data and `memory_budget=None`: 16, or less where that would cost over
+    0.25 bit per weight. (The default "auto" budget resolves `rank="auto"` to 0 before it gets here:
+    `budget.plan_calibrated_auto`.)"""
     return min(16, int(0.25 * rows * cols // (16 * (rows + cols))))
 
 
