@@ -76,6 +76,12 @@ MINILM_ROWS = ["RTN NF4 g64 (no planner, rank 0)", "sqlora default (auto = 4.25 
 # MiniLM cannot sample its own text, so its calibrated rows read real text: 128 windows of 128 tokens of
 # the standard library's docstrings (`calibration_texts()`, disjoint from the evaluation sentences). Not
 # data-free; seconds per row on this small encoder.
+# No data either: MiniLM cannot write text, so calibration="self" builds 128 windows of 128 tokens as walks
+# over its own token embeddings (sqlora_hf/embedding_walks.py); seconds per row.
+MINILM_SELF_ROWS = {
+    "self-calibrated, default (auto = 4.25 bpw), embedding walks": dict(calibration="self"),
+    "self-calibrated 3.25bpw, embedding walks": dict(memory_budget="3.25bpw", calibration="self"),
+}
 MINILM_CALIBRATED_ROWS = {
     "calibrated 4.25bpw (128 x 128 stdlib docstrings)": dict(memory_budget="4.25bpw"),
     "calibrated 3.25bpw (128 x 128 stdlib docstrings)": dict(memory_budget="3.25bpw"),
@@ -200,6 +206,7 @@ def main() -> None:
         calibration = dict(calibration=calibration_texts(), calibration_samples=128, calibration_seq_len=128)
         minilm_rows = {label: all_rows[label] for label in MINILM_ROWS}
         minilm_rows.update({label: {**fields, **calibration} for label, fields in MINILM_CALIBRATED_ROWS.items()})
+        minilm_rows.update(MINILM_SELF_ROWS)
         for label, fields in minilm_rows.items():
             weights, summary, seconds = compressed_weights(mdir, AutoModel, SQLoRAConfig(**fields))
             install(mini, weights, m_orig)

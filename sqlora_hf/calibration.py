@@ -1,5 +1,6 @@
 """Calibration input: the forms users have (strings + tokenizer, a `datasets.Dataset`, token ids, or
-"self": text sampled from the model being compressed), turned into one LongTensor
+"self": text sampled from the model being compressed, or for an encoder walks over its token embeddings),
+turned into one LongTensor
 `[samples, seq_len]`, and a small record of what was used.
 
 The record (source, sample count, length, a hash) is what `config.json` keeps: the texts themselves
@@ -15,6 +16,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from .mixed_precision import bf16_linear_copies
+from .embedding_walks import embedding_walks
 from .sampling import sample_continuations
 
 logger = hf_logging.get_logger("sqlora_hf")
@@ -22,10 +24,15 @@ logger = hf_logging.get_logger("sqlora_hf")
 
 SELF = "self"  # SQLoRAConfig(calibration="self"): sample the calibration text from the model itself
 SELF_SOURCE = "self-generated"
+WALKS_SOURCE = "self-generated (embedding walks)"
 # its defaults: generating is the slow part; long windows beat many, and 16 x 512 calibrates as well as
 # 32 x 512 in half the sampling time (SmolLM2, 4.25 / 3.25 bpw: 1.084x / 1.509x against 1.078-1.089x /
 # 1.464-1.505x; docs/calibrated.md)
 SELF_SAMPLES, SELF_SEQ_LEN = 16, 512
+# An encoder's windows (walks over its token embeddings, `self_walks`): sentence encoders read short
+# texts, and MiniLM calibrated better on 128 x 128 walks than on 16 x 512 (4.25 bpw: 0.982 against
+# 0.976-0.978 cosine; docs/benchmarks_quality.md)
+WALK_SAMPLES, WALK_SEQ_LEN = 128, 128
 
 
 def is_self(data: Any) -> bool:
@@ -106,7 +113,11 @@ def prepare(data: Any, tokenizer: Any, samples: int, seq_len: int, text_column: 
         if model is None:
             raise _err(f"{SELF!r} needs the model to sample from")
         _check_positions(model, seq_len)  # before minutes of sampling
-        data = self_generated(model, samples, seq_len)
+        if can_generate_text(model):
+            data = self_generated(model, samples, seq_len)
+        else:
+            data = self_walks(model, tokenizer, samples, seq_len)
+            source = WALKS_SOURCE
     if isinstance(data, torch.Tensor) or (isinstance(data, (list, tuple)) and isinstance(data[0], torch.Tensor)):
         rows = [data] if isinstance(data, torch.Tensor) and data.dim() == 1 else list(data)
         ids = torch.cat([torch.as_tensor(r).reshape(-1).long() for r in rows])
@@ -165,8 +176,7 @@ def self_generated(model: Any, samples: int, seq_len: int, seed: int = 0, batch:
     short): 1.27x faster again (SmolLM2, 32 x 512: 72 s against 92 s; 16 x 512 takes ~35 s), and the text is still the
     model's own, rounded the way a bf16 deployment of it would write.
     """
-    can_generate = getattr(model, "can_generate", None)
-    if not (callable(can_generate) and can_generate()):
+    if not can_generate_text(model):
         raise _err(f"{SELF!r} samples calibration text from the model, but {type(model).__name__} cannot generate "
                    "text (it is not a causal LM); pass calibration texts or token ids instead")
     if seq_len < 2:
@@ -190,6 +200,29 @@ def self_generated(model: Any, samples: int, seq_len: int, seed: int = 0, batch:
             rows.append(sample_continuations(model, start, seq_len, uniforms, banned=eos, on_step=bar.update))
     model.train(was_training)
     return torch.cat(rows)
+
+
+def can_generate_text(model: Any) -> bool:
+    can_generate = getattr(model, "can_generate", None)
+    return bool(callable(can_generate) and can_generate())
+
+
+def self_walks(model: Any, tokenizer: Any, samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """`[samples, seq_len]` token ids for a model that cannot generate (`calibration="self"` on an encoder):
+    walks over related tokens of its own input embeddings, with function words and punctuation between
+    them (`embedding_walks`). The tokenizer finds those; without one this is a clear error."""
+    if tokenizer is None:
+        raise _err(f"{SELF!r} on {type(model).__name__}, which cannot generate text, builds its calibration windows "
+                   "from the model's token embeddings and needs its tokenizer: save the tokenizer beside the model "
+                   "or pass SQLoRAConfig(tokenizer=...)")
+    vocab = model.get_input_embeddings().num_embeddings
+    special = _special_ids(model, ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
+                                   "sep_token_id", "cls_token_id"), vocab)
+    special |= {i for i in getattr(tokenizer, "all_special_ids", []) if isinstance(i, int) and 0 <= i < vocab}
+    with hf_logging.tqdm(total=1, desc="sqlora: walking the token embeddings", unit="set") as bar:
+        windows = embedding_walks(model.get_input_embeddings().weight, tokenizer, samples, seq_len, special, seed)
+        bar.update(1)
+    return windows
 
 
 def _ordinary_token_ids(model: Any) -> torch.Tensor:

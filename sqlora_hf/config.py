@@ -85,8 +85,10 @@ class SQLoRAConfig(QuantizationConfigMixin):
             activation aware (GPTQ with the low-rank term fitted to the data) and runs after the fp
             model has loaded. Only a record of it (source, samples, length, sha256) is written to
             config.json.
-        calibration_samples: number of calibration windows (default 128; 16 with "self").
-        calibration_seq_len: tokens per window (default 512, also with "self").
+        calibration_samples: number of calibration windows (default 128; 16 with "self"; 128 with "self"
+            on a model that cannot generate, e.g. an encoder).
+        calibration_seq_len: tokens per window (default 512, also with "self"; 128 with "self" on a model
+            that cannot generate).
         calibration_method: "intrinsic" (GPTQ-intrinsic LoRA), "eora" (GPTQ, then the whitened-SVD
             correction of the residual) or "gptq" (GPTQ, then a plain SVD correction).
         sparsity_criterion: with calibration and sparsity: "sparsegpt" (masks chosen inside the
@@ -145,6 +147,10 @@ class SQLoRAConfig(QuantizationConfigMixin):
         from .calibration import SELF_SAMPLES, SELF_SEQ_LEN, is_self
 
         generated = is_self(calibration)
+        # Not fields: which of the two the user gave. An encoder's "self" windows (walks over its token
+        # embeddings) default to another shape than a causal LM's sampled ones (calibration.self_walks).
+        self._calibration_samples_given = calibration_samples is not None
+        self._calibration_seq_len_given = calibration_seq_len is not None
         self.calibration_samples = calibration_samples if calibration_samples is not None else (
             SELF_SAMPLES if generated else 128)
         self.calibration_seq_len = calibration_seq_len if calibration_seq_len is not None else (

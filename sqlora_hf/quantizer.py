@@ -22,7 +22,7 @@ from transformers.quantizers.base import HfQuantizer, get_keys_to_not_convert
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 from transformers.utils import logging as hf_logging
 
-from .calibration import is_self
+from .calibration import can_generate_text, is_self
 from .compression import CompressionSpec, compress_weight
 from .config import SQLoRAConfig
 from .formats.layer import FormatError, layout_problem
@@ -272,6 +272,15 @@ class SQLoRAHfQuantizer(HfQuantizer):
                     "SQLoRAConfig.calibration holds texts but no tokenizer was given and none could be loaded "
                     f"from {self.checkpoint_dir} ({type(err).__name__}); pass SQLoRAConfig(tokenizer=...)"
                 ) from None
+        walks = is_self(config.calibration) and not can_generate_text(model)
+        if tokenizer is None and self.checkpoint_dir and walks:
+            # an encoder's "self" calibration walks its token embeddings and needs the tokenizer (if any)
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_dir)
+            except Exception:  # none saved: calibration.self_walks names what to do
+                tokenizer = None
         compress_model(model, config, tokenizer=tokenizer)
         self.converted = [n for n, m in model.named_modules() if isinstance(m, SQLoRALinear)]
         return model

@@ -27,7 +27,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging as hf_logging
 
 from .allocator import reuse_freed_memory
-from .calibration import prepare
+from .calibration import WALK_SAMPLES, WALK_SEQ_LEN, can_generate_text, is_self, prepare
 from .compression.calibrated import CalibratedSpec, compress_shared_input, compress_with_hessian
 from .compression.gptq import HessianCache, float_targets, gram, ridge_factor
 from .formats.layer import PackedLayer, layout_problem
@@ -399,7 +399,11 @@ def _compress_model(model: nn.Module, config: Any, calibration_data: Any, tokeni
 
     config.check_writable()
     data = calibration_data if calibration_data is not None else config.calibration
-    batch = prepare(data, tokenizer, config.calibration_samples, config.calibration_seq_len, model=model)
+    samples, seq_len = config.calibration_samples, config.calibration_seq_len
+    if is_self(data) and not can_generate_text(model):  # an encoder's walks have their own default shape
+        samples = samples if getattr(config, "_calibration_samples_given", True) else WALK_SAMPLES
+        seq_len = seq_len if getattr(config, "_calibration_seq_len_given", True) else WALK_SEQ_LEN
+    batch = prepare(data, tokenizer, samples, seq_len, model=model)
     base = CalibratedSpec(bits=config.bits, group_size=config.group_size, sparsity=config.sparsity, rank=config.rank,
                           method=config.calibration_method, sparsity_criterion=config.sparsity_criterion,
                           scale_search=config.uses_scale_search(calibrated=True),

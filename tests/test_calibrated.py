@@ -443,13 +443,90 @@ def test_self_generated_windows_start_from_varied_ordinary_tokens(tiny_model_dir
         self_generated(model, samples=2, seq_len=1)
 
 
-def test_self_generated_calibration_on_an_encoder_is_a_clear_error(tiny_model_dirs):
+def _wordpiece_tokenizer(directory=None, content=()):
+    """A BERT-style tokenizer over English function words, punctuation and `content` words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sqlora_hf.embedding_walks import FUNCTION_WORDS
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = special + [",", ".", "(", ")", "-", ":", "'", '"'] + list(FUNCTION_WORDS) + list(content)
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+    if directory is not None:
+        fast.save_pretrained(directory)
+    return fast
+
+
+def test_embedding_walks_stay_on_a_topic_between_function_words_and_punctuation():
+    """Two clusters of content words in the embeddings: a walk's content words stay in one cluster
+    (neighbours of its topic), with function words, commas and a full stop every 18 tokens between."""
+    from sqlora_hf.embedding_walks import SENTENCE_LENGTH, embedding_walks
+
+    cluster_a = [f"alpha{c}{d}" for c in "abcdefg" for d in "hijklmn"][:45]
+    cluster_b = [f"beta{c}{d}" for c in "abcdefg" for d in "hijklmn"][:45]
+    tok = _wordpiece_tokenizer(content=cluster_a + cluster_b)
+    vocab = len(tok)
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(vocab, 16, generator=g)
+    ids_a = tok.convert_tokens_to_ids(cluster_a)
+    ids_b = tok.convert_tokens_to_ids(cluster_b)
+    emb[ids_a] = 0.3 * emb[ids_a] + 4 * torch.nn.functional.one_hot(torch.tensor(0), 16)
+    emb[ids_b] = 0.3 * emb[ids_b] + 4 * torch.nn.functional.one_hot(torch.tensor(1), 16)
+    special = set(tok.all_special_ids)
+    rng = torch.get_rng_state()
+    windows = embedding_walks(emb, tok, samples=12, seq_len=64, special_ids=special, seed=3)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(windows, embedding_walks(emb, tok, samples=12, seq_len=64, special_ids=special, seed=3))
+    assert windows.shape == (12, 64)
+    assert (windows[:, 0] == tok.cls_token_id).all() and (windows[:, -1] == tok.sep_token_id).all()
+    inner = windows[:, 1:-1]
+    assert not any(int(t) in special for t in inner.flatten())
+    stop = tok.convert_tokens_to_ids(".")
+    assert (inner[:, SENTENCE_LENGTH - 1] == stop).all()
+    same = pairs = 0
+    in_a, in_b = set(ids_a), set(ids_b)
+    for row in inner.tolist():
+        content = [t for t in row if t in in_a or t in in_b]
+        assert len(content) > 8
+        for x, y in zip(content, content[1:]):
+            pairs += 1
+            same += (x in in_a) == (y in in_a)
+    assert same / pairs > 0.95
+    with pytest.raises(ValueError, match="calibration_seq_len must be at least 3"):
+        embedding_walks(emb, tok, samples=1, seq_len=2, special_ids=special)
+
+
+def test_self_calibration_of_an_encoder_walks_its_token_embeddings(tiny_model_dirs, tmp_path):
+    """An encoder cannot generate: with its tokenizer beside it, "self" builds 128 x 128 walks over its
+    token embeddings; without a tokenizer it is a clear error."""
+    import shutil
+
     from transformers import AutoModel
 
+    from sqlora_hf.calibration import self_walks
+
     path, _ = tiny_model_dirs["bert"]
-    with pytest.raises(ValueError, match="cannot generate"):
-        AutoModel.from_pretrained(path, quantization_config=SQLoRAConfig(calibration="self", calibration_samples=2,
-                                                                         calibration_seq_len=8))
+    # no tokenizer files: transformers builds a BERT tokenizer with only its special tokens
+    with pytest.raises(ValueError, match="needs a tokenizer with English words and punctuation"):
+        AutoModel.from_pretrained(path, quantization_config=SQLoRAConfig(calibration="self"))
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        self_walks(AutoModel.from_pretrained(path), None, 4, 16)
+    model_dir = tmp_path / "bert"
+    shutil.copytree(path, model_dir)
+    _wordpiece_tokenizer(model_dir, content=[f"zq{a}{b}" for a in "abcdefghij" for b in "klmnopqrst"])
+    model = AutoModel.from_pretrained(model_dir, quantization_config=SQLoRAConfig(calibration="self"))
+    assert sum(isinstance(m, SQLoRALinear) for m in model.modules()) == 12
+    record = model.config.quantization_config.calibration
+    assert (record["source"], record["samples"], record["seq_len"]) == ("self-generated (embedding walks)", 128, 128)
+    given = AutoModel.from_pretrained(model_dir, quantization_config=SQLoRAConfig(
+        calibration="self", calibration_samples=4, calibration_seq_len=32))
+    assert (given.config.quantization_config.calibration["samples"],
+            given.config.quantization_config.calibration["seq_len"]) == (4, 32)
 
 
 def test_dataset_with_text_column_works(tiny_model_dirs, tmp_path):
