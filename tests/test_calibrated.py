@@ -590,6 +590,22 @@ def test_calibrated_default_budget_keeps_bits_and_lands_at_the_nominal_size(tiny
     assert sum(m.packed().nbytes() for m in layers) <= nominal_bytes
 
 
+def test_rank_gain_survives_a_hessian_from_fewer_tokens_than_inputs():
+    """Short calibration windows give a wide layer a singular Hessian (64 tokens for 768 inputs, with one
+    dominant direction as in real activations), which fp32 leaves short of positive definite even with
+    the usual jitter: the planner's rank gains still come out, finite and sorted."""
+    from sqlora_hf.compression.planner import _whitened_energy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, generator=g) * 100 * torch.randn(1, 768, generator=g) + torch.randn(64, 768, generator=g)
+    h = x.T @ x / 64
+    assert int(torch.linalg.cholesky_ex(h + 1e-5 * float(torch.diagonal(h).mean()) * torch.eye(768))[1]) != 0
+    e = torch.randn(64, 768, generator=g)
+    gains = _whitened_energy(e, h, 8)
+    assert gains.shape == (8,) and bool(torch.isfinite(gains).all())
+    assert bool((gains[:-1] >= gains[1:] - 1e-6 * gains[0]).all())
+
+
 def test_calibrated_budget_hessian_errors_rank_like_the_output_error():
     """Without the GPTQ ratio, a candidate's error is its round-to-nearest relative output error under H."""
     from sqlora_hf.compression.planner import hessian_candidates

@@ -255,9 +255,17 @@ def _whitened_energy(residual: "torch.Tensor", hessian: "torch.Tensor", count: i
 
     e, h = residual.to(torch.float32), hessian.to(torch.float32)
     k = h.shape[0]
+    eye = torch.eye(k, dtype=h.dtype, device=h.device)
     jitter = 1e-5 * float(torch.diagonal(h).mean()) + 1e-12
-    c = torch.linalg.cholesky(h + jitter * torch.eye(k, dtype=h.dtype, device=h.device))
-    return top_singular_values(e @ c, count).double() ** 2
+    # A Hessian from fewer tokens than inputs (short windows: 16 x 32 tokens for a 1536-wide layer) is
+    # singular, and fp32 rounding can leave it just short of positive definite: raise the jitter until
+    # the factorisation goes through (it only has to rank candidates).
+    for _ in range(8):
+        c, info = torch.linalg.cholesky_ex(h + jitter * eye)
+        if int(info) == 0:
+            return top_singular_values(e @ c, count).double() ** 2
+        jitter *= 10
+    raise ValueError("the calibration Hessian is not positive definite even with heavy damping")
 
 
 def _row_weighted_error(e: "torch.Tensor", h: "torch.Tensor", row_weight: "torch.Tensor") -> float:
