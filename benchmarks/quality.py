@@ -76,7 +76,7 @@ MINILM_ROWS = ["RTN NF4 g64 (no planner, rank 0)", "sqlora default (auto = 4.25 
 # MiniLM cannot sample its own text, so its calibrated rows read real text: 128 windows of 128 tokens of
 # the standard library's docstrings (`calibration_texts()`, disjoint from the evaluation sentences). Not
 # data-free; seconds per row on this small encoder.
-# No data either: MiniLM cannot write text, so calibration="self" builds 128 windows of 128 tokens as walks
+# No data either: MiniLM cannot write text, so calibration="self" builds 2048 windows of 32 tokens as walks
 # over its own token embeddings (sqlora_hf/embedding_walks.py); seconds per row.
 MINILM_SELF_ROWS = {
     "self-calibrated, default (auto = 4.25 bpw), embedding walks": dict(calibration="self"),

@@ -29,10 +29,10 @@ WALKS_SOURCE = "self-generated (embedding walks)"
 # 32 x 512 in half the sampling time (SmolLM2, 4.25 / 3.25 bpw: 1.084x / 1.509x against 1.078-1.089x /
 # 1.464-1.505x; docs/calibrated.md)
 SELF_SAMPLES, SELF_SEQ_LEN = 16, 512
-# An encoder's windows (walks over its token embeddings, `self_walks`): sentence encoders read short
-# texts, and MiniLM calibrated better on 128 x 128 walks than on 16 x 512 (4.25 bpw: 0.982 against
-# 0.976-0.978 cosine; docs/benchmarks_quality.md)
-WALK_SAMPLES, WALK_SEQ_LEN = 128, 128
+# An encoder's windows (walks over its token embeddings, `self_walks`): cheap to make, and more of them
+# kept helping. MiniLM, cosine at 4.25 / 3.25 bpw: 16 x 512 0.978 / 0.907, 128 x 128 0.983 / 0.919,
+# 512 x 64 0.984 / 0.929, 2048 x 32 0.986 / 0.932 in ~45 s (docs/benchmarks_quality.md)
+WALK_SAMPLES, WALK_SEQ_LEN = 2048, 32
 
 
 def is_self(data: Any) -> bool:

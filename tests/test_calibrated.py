@@ -502,7 +502,7 @@ def test_embedding_walks_stay_on_a_topic_between_function_words_and_punctuation(
 
 
 def test_self_calibration_of_an_encoder_walks_its_token_embeddings(tiny_model_dirs, tmp_path):
-    """An encoder cannot generate: with its tokenizer beside it, "self" builds 128 x 128 walks over its
+    """An encoder cannot generate: with its tokenizer beside it, "self" builds 2048 x 32 walks over its
     token embeddings; without a tokenizer it is a clear error."""
     import shutil
 
@@ -522,7 +522,7 @@ def test_self_calibration_of_an_encoder_walks_its_token_embeddings(tiny_model_di
     model = AutoModel.from_pretrained(model_dir, quantization_config=SQLoRAConfig(calibration="self"))
     assert sum(isinstance(m, SQLoRALinear) for m in model.modules()) == 12
     record = model.config.quantization_config.calibration
-    assert (record["source"], record["samples"], record["seq_len"]) == ("self-generated (embedding walks)", 128, 128)
+    assert (record["source"], record["samples"], record["seq_len"]) == ("self-generated (embedding walks)", 2048, 32)
     given = AutoModel.from_pretrained(model_dir, quantization_config=SQLoRAConfig(
         calibration="self", calibration_samples=4, calibration_seq_len=32))
     assert (given.config.quantization_config.calibration["samples"],
