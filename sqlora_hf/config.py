@@ -52,7 +52,8 @@ class SQLoRAConfig(QuantizationConfigMixin):
         memory_budget: "auto" (default: the nominal bits per weight of `bits`/`group_size`, e.g. 4.25
             for 4-bit groups of 64, plus a pinned int `rank`'s bytes; the planner keeps `bits`, may only
             coarsen groups to pay for metadata, and buys rank where it pays; with calibration the
-            layout is the same uniform one and `rank="auto"` means rank 0, with no planning pass), None (every layer exactly at `bits`/`group_size`), an int number of bytes or a size
+            layout is the same uniform one and `rank="auto"` means rank 0, with no planning pass),
+            None (every layer exactly at `bits`/`group_size`), an int number of bytes or a size
             string ("320MB", "1.5GiB") for the whole model, everything counted, or "3.25bpw" (average
             bits per weight over the compressed layers, as `report()` counts them). With a budget the
             checkpoint is planned before loading: each layer gets one of `tiers` × group sizes × ranks,
