@@ -101,31 +101,31 @@ def embedding_walks(embeddings: torch.Tensor, tokenizer: Any, samples: int, seq_
                     if isinstance(i, int)), None)
 
     generator = torch.Generator().manual_seed(seed)
-    neighbours: dict[int, torch.Tensor] = {}
-
-    def near(position: int) -> torch.Tensor:  # positions in `content` of a token's nearest neighbours
-        if position not in neighbours:
-            neighbours[position] = (unit @ unit[position]).topk(NEIGHBOURS).indices
-        return neighbours[position]
-
-    out = torch.empty(samples, seq_len, dtype=torch.long)
+    # nearest neighbours (positions in `content`) of each topic token, computed the first time it is a topic
+    neighbours = torch.empty(content.numel(), NEIGHBOURS, dtype=torch.long)
+    known = torch.zeros(content.numel(), dtype=torch.bool)
     body = seq_len - (opening is not None) - (closing is not None)
-    for row in range(samples):
-        topic = int(torch.randint(0, content.numel(), (1,), generator=generator))
-        words: list[int] = []
-        while len(words) < body:
-            u = torch.rand(2, generator=generator)
-            if (len(words) + 1) % SENTENCE_LENGTH == 0:
-                words.append(stop)
-            elif u[0] < P_PUNCTUATION:
-                words.append(int(mark_ids[torch.multinomial(mark_p, 1, generator=generator)]))
-            elif u[1] < P_FUNCTION_WORD:
-                words.append(int(function_ids[torch.multinomial(function_p, 1, generator=generator)]))
-            else:
-                pick = near(topic)[torch.randint(0, NEIGHBOURS, (1,), generator=generator)]
-                words.append(int(content[pick]))
-                if float(torch.rand(1, generator=generator)) < P_DRIFT:
-                    topic = int(pick)
-        window = ([opening] if opening is not None else []) + words + ([closing] if closing is not None else [])
-        out[row] = torch.tensor(window[:seq_len], dtype=torch.long)
-    return out
+    words = torch.empty(samples, body, dtype=torch.long)
+    topic = torch.randint(0, content.numel(), (samples,), generator=generator)
+    # all windows advance together, one position at a time
+    for t in range(body):
+        u = torch.rand(samples, 3, generator=generator)
+        marks = mark_ids[torch.multinomial(mark_p, samples, replacement=True, generator=generator)]
+        funcs = function_ids[torch.multinomial(function_p, samples, replacement=True, generator=generator)]
+        slot = torch.randint(0, NEIGHBOURS, (samples,), generator=generator)
+        new = topic[~known[topic]].unique()
+        for chunk in new.split(1024):
+            neighbours[chunk] = (unit[chunk] @ unit.T).topk(NEIGHBOURS, dim=1).indices
+            known[chunk] = True
+        pick = neighbours[topic, slot]
+        if (t + 1) % SENTENCE_LENGTH == 0:
+            words[:, t] = stop
+            continue
+        punct = u[:, 0] < P_PUNCTUATION
+        func = ~punct & (u[:, 1] < P_FUNCTION_WORD)
+        word = ~punct & ~func
+        words[:, t] = torch.where(punct, marks, torch.where(func, funcs, content[pick]))
+        topic = torch.where(word & (u[:, 2] < P_DRIFT), pick, topic)
+    parts = ([torch.full((samples, 1), opening, dtype=torch.long)] if opening is not None else []) + [words] + (
+        [torch.full((samples, 1), closing, dtype=torch.long)] if closing is not None else [])
+    return torch.cat(parts, dim=1)[:, :seq_len].contiguous()
