@@ -31,7 +31,7 @@ WALKS_SOURCE = "self-generated (embedding walks)"
 SELF_SAMPLES, SELF_SEQ_LEN = 16, 512
 # An encoder's windows (walks over its token embeddings, `self_walks`): cheap to make, and more of them
 # kept helping. MiniLM, cosine at 4.25 / 3.25 bpw: 16 x 512 0.978 / 0.907, 128 x 128 0.983 / 0.919,
-# 512 x 64 0.984 / 0.929, 2048 x 32 0.986 / 0.932 in ~45 s (docs/benchmarks_quality.md)
+# 512 x 64 0.984 / 0.929, 2048 x 32 0.986 / 0.933 in 18-19 s (docs/benchmarks_quality.md)
 WALK_SAMPLES, WALK_SEQ_LEN = 2048, 32
 
 
