@@ -262,25 +262,21 @@ class SQLoRAHfQuantizer(HfQuantizer):
 
         config = self.quantization_config
         tokenizer = config._tokenizer
-        if tokenizer is None and self.checkpoint_dir and _holds_texts(config.calibration):
+        texts = _holds_texts(config.calibration)
+        # an encoder's "self" calibration walks its token embeddings and needs the tokenizer too
+        walks = is_self(config.calibration) and not can_generate_text(model)
+        if tokenizer is None and self.checkpoint_dir and (texts or walks):
             from transformers import AutoTokenizer
 
             try:
                 tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_dir)
             except Exception as err:  # no tokenizer files beside the model
-                raise ValueError(
-                    "SQLoRAConfig.calibration holds texts but no tokenizer was given and none could be loaded "
-                    f"from {self.checkpoint_dir} ({type(err).__name__}); pass SQLoRAConfig(tokenizer=...)"
-                ) from None
-        walks = is_self(config.calibration) and not can_generate_text(model)
-        if tokenizer is None and self.checkpoint_dir and walks:
-            # an encoder's "self" calibration walks its token embeddings and needs the tokenizer (if any)
-            from transformers import AutoTokenizer
-
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_dir)
-            except Exception:  # none saved: calibration.self_walks names what to do
-                tokenizer = None
+                if texts:
+                    raise ValueError(
+                        "SQLoRAConfig.calibration holds texts but no tokenizer was given and none could be loaded "
+                        f"from {self.checkpoint_dir} ({type(err).__name__}); pass SQLoRAConfig(tokenizer=...)"
+                    ) from None
+                # walks without a tokenizer: calibration.self_walks says what to do
         compress_model(model, config, tokenizer=tokenizer)
         self.converted = [n for n, m in model.named_modules() if isinstance(m, SQLoRALinear)]
         return model
