@@ -135,11 +135,10 @@ def plan_calibrated_auto(config: SQLoRAConfig, base, per_block: Sequence[tuple[s
     """
     from dataclasses import replace
 
-    from .compression.planner import layer_candidates, nominal_bits_per_weight, solve_budget
+    from .compression.planner import auto_target_bytes, layer_candidates, solve_budget
     from .sequential import _dense_weight
 
     rank = base.rank if isinstance(base.rank, int) else 0
-    nominal = nominal_bits_per_weight(base.bits, base.group_size, base.sparsity)
     names, fronts = [], []
     target = 0
     for block_name, targets in per_block:
@@ -155,7 +154,7 @@ def plan_calibrated_auto(config: SQLoRAConfig, base, per_block: Sequence[tuple[s
                                  f"in_features={k}")
             names.append(f"{block_name}.{name}")
             fronts.append(pareto_front(cands))
-            target += int(nominal * n * k // 8) + 2 * rank * (n + k)
+            target += auto_target_bytes(n, k, base.bits, base.group_size, base.sparsity, rank)
     if not fronts:
         return {}
     least = sum(f[0].nbytes for f in fronts)

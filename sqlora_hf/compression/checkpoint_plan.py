@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from .compress import CompressionSpec
-from .planner import (Budget, BudgetError, Candidate, layer_candidates, nominal_bits_per_weight, pareto_front,
+from .planner import (Budget, BudgetError, Candidate, auto_target_bytes, layer_candidates, pareto_front,
                       solve_budget)
 
 
@@ -84,15 +84,13 @@ def plan_checkpoint(layers: Sequence[LayerToPlan], checkpoint_files: Sequence[st
     fronts: list[list[Candidate]] = []
     n_weights = 0
     auto_bytes = 0
-    nominal = nominal_bits_per_weight(base.bits, base.group_size, base.sparsity)
     for layer, weight in iter_weights(layers, key_files):
         n, k = weight.shape
         n_weights += n * k
         if not bool(torch.isfinite(weight).all()):
             bad = int((~torch.isfinite(weight)).sum())
             raise ValueError(f"{layer.name}: the weight holds {bad} NaN/Inf values; refusing to compress it")
-        pinned_rank = base.rank if isinstance(base.rank, int) else 0
-        auto_bytes += int(nominal * n * k // 8) + 2 * pinned_rank * (n + k)
+        auto_bytes += auto_target_bytes(n, k, base.bits, base.group_size, base.sparsity, base.rank)
         cands = layer_candidates(weight, tiers, base.sparsity, base.rank, base.max_rank_bpw,
                                  scale_search=base.scale_search,
                                  min_group_size=base.group_size if budget.auto else 0)

@@ -167,6 +167,15 @@ def nominal_bits_per_weight(bits: int, group_size: int, sparsity: Optional[str])
     return (bits / 2 + 1 if sparsity else bits) + 16 / group_size
 
 
+def auto_target_bytes(rows: int, cols: int, bits: int, group_size: int, sparsity: Optional[str],
+                      rank: Any) -> int:
+    """One layer's share of the default "auto" budget: its nominal layout without metadata, plus the
+    factors of a pinned int rank (`rank="auto"` adds nothing). Data-free and calibrated "auto" plans
+    both aim at the sum of these, paying the metadata with coarser groups."""
+    pinned = rank if isinstance(rank, int) else 0
+    return int(nominal_bits_per_weight(bits, group_size, sparsity) * rows * cols // 8) + 2 * pinned * (rows + cols)
+
+
 def layer_candidates(weight: "torch.Tensor", tiers: Sequence[int], sparsity: Optional[str],
                      rank: Any, max_rank_bpw: float = 0.25, sample_every: int = 4,
                      scale_search: bool = True, min_group_size: int = 0) -> list[Candidate]:
