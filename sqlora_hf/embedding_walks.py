@@ -17,7 +17,7 @@ runs of related words with function words and punctuation between them. So a win
 
 No text is read: only the model's embeddings and its tokenizer (to find the function words,
 punctuation and special tokens). all-MiniLM-L6-v2 with the default 2048 windows of 32 tokens: 0.986
-cosine at 4.25 bpw and 0.932-0.935 at 3.25 bpw (three seeds), against 0.972 / 0.862 data-free and
+cosine at 4.25 bpw and 0.932-0.935 at 3.25 bpw (four draws of the walk), against 0.972 / 0.862 data-free and
 0.986 / 0.948 with 16k tokens of real text (docs/benchmarks_quality.md; the constants and the size
 were picked on the evaluation sentences). English-centred: the function words are English ones.
 """
