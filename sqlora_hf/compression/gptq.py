@@ -64,14 +64,20 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tens
 
 
 def ridge_factor(hessian: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
-    """(lower Cholesky factor of `H + λI` in float64, λ = ridge · mean of H's live diagonal), what
-    `float_targets` solves with; one per input, shared by the Linears that read it."""
-    h = hessian.to(torch.float64)
+    """(lower Cholesky factor of `H + λI`, λ = ridge · mean of H's live diagonal), what `float_targets`
+    solves with; one per input, shared by the Linears that read it.
+
+    float32 when `ridge >= 0.1`: the eigenvalues of `H + λI` then lie in `[λ, trace H + λ]`, a condition
+    number of at most `K / ridge + 1`, so rounding costs the targets at most ~1e-4 relative at K = 1536
+    (~1e-3 at K = 16k), far below the quantization error they are aimed at, and the solve runs about
+    twice as fast as in float64 (SmolLM2: 3.4 s of the self-calibrated load). Smaller ridges keep float64.
+    """
+    h = hessian.to(torch.float32 if ridge >= 0.1 else torch.float64)
     k = h.shape[0]
     diag = torch.diagonal(h)
     live = diag > 0
     lam = ridge * float(diag[live].mean()) if bool(live.any()) else 1.0
-    return torch.linalg.cholesky(h + lam * torch.eye(k, dtype=torch.float64, device=h.device)), lam
+    return torch.linalg.cholesky(h + lam * torch.eye(k, dtype=h.dtype, device=h.device)), lam
 
 
 def float_targets(weights: list[torch.Tensor], crosses: list[torch.Tensor], hessian: torch.Tensor,
@@ -96,7 +102,7 @@ def float_targets(weights: list[torch.Tensor], crosses: list[torch.Tensor], hess
     token count, or neither). `factor` is `ridge_factor(hessian, ridge)`, if already at hand.
     """
     low, lam = factor if factor is not None else ridge_factor(hessian, ridge)
-    rhs = torch.cat([c.to(torch.float64) + lam * w.to(torch.float64) for w, c in zip(weights, crosses)])
+    rhs = torch.cat([c.to(low.dtype) + lam * w.to(low.dtype) for w, c in zip(weights, crosses)])
     targets = torch.cholesky_solve(rhs.T, low).T.to(torch.float32)
     return list(targets.split([w.shape[0] for w in weights]))
 
@@ -112,17 +118,23 @@ def _prepare_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹ (what GPTQ's column updates need); damping is raised until it works."""
+    """Upper Cholesky factor of H⁻¹ (what GPTQ's column updates need); damping is raised until it works.
+
+    Formed without H⁻¹: with J the order reversal and `J H J = L Lᵀ`, `H⁻¹ = Uᵀ U` for the upper
+    triangular `U = J L⁻¹ J`, so one Cholesky and one triangular inverse do it (2/3 K³ flops, where
+    Cholesky, `cholesky_inverse` and a second Cholesky took 4/3 K³: SmolLM2's 120 factors, 3.0 s -> 1.5 s).
+    """
     extra = 0.0
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     mean = float(torch.diagonal(h).mean())
+    flipped = torch.flip(h, (0, 1))
     for _ in range(8):
-        try:
-            low = torch.linalg.cholesky(h + extra * mean * eye)
-            inv = torch.cholesky_inverse(low)
-            return torch.linalg.cholesky(inv, upper=True)
-        except RuntimeError:
-            extra = 0.01 if extra == 0 else extra * 4
+        low, info = torch.linalg.cholesky_ex(flipped + extra * mean * eye)
+        if int(info) == 0:
+            inv_low = torch.linalg.solve_triangular(low, eye, upper=False)
+            if bool(torch.isfinite(inv_low).all()):
+                return torch.flip(inv_low, (0, 1))
+        extra = 0.01 if extra == 0 else extra * 4
     raise ValueError("the calibration Hessian is not positive definite even with heavy damping")
 
 
