@@ -61,16 +61,16 @@ ABLATION_ROWS = {
 # compressed with the calibrated (GPTQ) path. Minutes, not seconds, per row (sampling is the slow part);
 # causal LMs only (so not run on MiniLM). The window count and length are spelled out per row.
 SELF_ROWS = {
-    # calibration="self" with its defaults: 16 windows x 512 tokens, the default "auto" budget (NF4 g64, at or
+    # calibration="self" with its defaults: 64 windows x 128 tokens, the default "auto" budget (NF4 g64, at or
     # below 4.25 bpw, no planner pass), then the explicit-budget planner at the same size and at 3.25 bpw
-    "sqlora self-calibrated, default (auto = 4.25 bpw), 16 x 512 sampled": dict(calibration="self"),
-    "sqlora self-calibrated 4.25bpw planner, 16 x 512 sampled": dict(memory_budget="4.25bpw", calibration="self"),
-    "sqlora self-calibrated 3.25bpw, 16 x 512 sampled (default)": dict(memory_budget="3.25bpw", calibration="self"),
-    # twice the sampled text: what the longer sampling buys
-    "sqlora self-calibrated, default (auto = 4.25 bpw), 32 x 512 sampled": dict(
-        calibration="self", calibration_samples=32, calibration_seq_len=512),
-    "sqlora self-calibrated 3.25bpw, 32 x 512 sampled": dict(memory_budget="3.25bpw", calibration="self",
-                                                            calibration_samples=32, calibration_seq_len=512),
+    "sqlora self-calibrated, default (auto = 4.25 bpw), 64 x 128 sampled": dict(calibration="self"),
+    "sqlora self-calibrated 4.25bpw planner, 64 x 128 sampled": dict(memory_budget="4.25bpw", calibration="self"),
+    "sqlora self-calibrated 3.25bpw, 64 x 128 sampled": dict(memory_budget="3.25bpw", calibration="self"),
+    # the same 8k tokens in 16 long windows (the default before 2026-12-07 evening)
+    "sqlora self-calibrated, default (auto = 4.25 bpw), 16 x 512 sampled": dict(
+        calibration="self", calibration_samples=16, calibration_seq_len=512),
+    "sqlora self-calibrated 3.25bpw, 16 x 512 sampled": dict(memory_budget="3.25bpw", calibration="self",
+                                                            calibration_samples=16, calibration_seq_len=512),
 }
 MINILM_ROWS = ["RTN NF4 g64 (no planner, rank 0)", "sqlora default (auto = 4.25 bpw)", "sqlora 3.25bpw"]
 # MiniLM cannot sample its own text, so its calibrated rows read real text: 128 windows of 128 tokens of

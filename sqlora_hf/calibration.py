@@ -25,10 +25,13 @@ logger = hf_logging.get_logger("sqlora_hf")
 SELF = "self"  # SQLoRAConfig(calibration="self"): sample the calibration text from the model itself
 SELF_SOURCE = "self-generated"
 WALKS_SOURCE = "self-generated (embedding walks)"
-# its defaults: generating is the slow part; long windows beat many, and 16 x 512 calibrates as well as
-# 32 x 512 in half the sampling time (SmolLM2, 4.25 / 3.25 bpw: 1.084x / 1.509x against 1.078-1.089x /
-# 1.464-1.505x; docs/calibrated.md)
-SELF_SAMPLES, SELF_SEQ_LEN = 16, 512
+# its defaults: 8k tokens in 64 windows of 128. Generating is the slow part, and a step costs nearly as
+# much for 16 rows as for 64, so many short windows are the cheap way to the same text; with the
+# asymmetric calibration they also calibrate better. SmolLM2 at 4.25 bpw, three sampled sets each, 98
+# evaluation windows: 64 x 128 1.074 / 1.082 / 1.075x the fp32 perplexity, 16 x 512 (the default before)
+# 1.087 / 1.090 / 1.086x, 48 x 128 1.081-1.096x, 64 x 96 1.079-1.093x, 32 x 256 1.078 / 1.104x
+# (docs/calibrated.md)
+SELF_SAMPLES, SELF_SEQ_LEN = 64, 128
 # An encoder's windows (walks over its token embeddings, `self_walks`): cheap to make, and more of them
 # kept helping. MiniLM, cosine at 4.25 / 3.25 bpw: 16 x 512 0.978 / 0.907, 128 x 128 0.983 / 0.919,
 # 512 x 64 0.984 / 0.929, 2048 x 32 0.986 / 0.933 in 18-19 s (docs/benchmarks_quality.md)
@@ -157,7 +160,7 @@ def _check_positions(model: Any, seq_len: int) -> None:
                    f"choose calibration_seq_len <= {limit}")
 
 
-def self_generated(model: Any, samples: int, seq_len: int, seed: int = 0, batch: int = 32) -> torch.Tensor:
+def self_generated(model: Any, samples: int, seq_len: int, seed: int = 0, batch: int = 64) -> torch.Tensor:
     """`[samples, seq_len]` token ids sampled from the model itself (`calibration="self"`).
 
     Why: GPTQ needs inputs that look like what the model will see, not any particular corpus. Text
@@ -165,16 +168,18 @@ def self_generated(model: Any, samples: int, seq_len: int, seed: int = 0, batch:
     activation-aware without any data (the idea of LLM-QAT's data-free distillation). Each window
     starts from a token drawn uniformly from the vocabulary (special tokens left out), then the model
     continues by plain sampling at temperature 1: the random start spreads the windows over many
-    topics, where sampling from BOS keeps returning to the model's favourite openings. SmolLM2-135M at
-    4.25 bpw, 40 windows of evaluation: 64 x 256 tokens 1.094x the fp32 perplexity against 1.105x
-    from BOS; 32 x 512 (same token count) 1.078x over 98 windows, and the default 16 x 512 1.084-1.086x;
-    1.28x data-free (docs/calibrated.md). Deterministic for a given seed on a given machine; the global RNG state is
-    left untouched. EOS is never sampled, so every window runs to `seq_len` tokens. The sampling loop
-    is `sampling.sample_continuations` (reserved KV cache, inverse-CDF draws): 1.33x faster than
-    `model.generate` on SmolLM2. On CPUs with native bf16 the Linears sample with bf16 copies of their
-    weights (`mixed_precision.bf16_linear_copies`, unless `SQLORA_CALIBRATION_BF16=0` or memory is
-    short): 1.27x faster again (SmolLM2, 32 x 512: 72 s against 92 s; 16 x 512 takes ~35 s), and the text is still the
-    model's own, rounded the way a bf16 deployment of it would write.
+    topics, where sampling from BOS keeps returning to the model's favourite openings (SmolLM2-135M at
+    4.25 bpw, 40 windows of evaluation, 64 x 256 tokens: 1.094x the fp32 perplexity against 1.105x from
+    BOS). The default 64 x 128 gives 1.074-1.082x over 98 windows, against 1.28x data-free
+    (docs/calibrated.md). `batch` windows are sampled together: a step's cost is mostly reading the
+    weights, so 64 rows cost about twice what 16 do, not 4x. Deterministic for a given seed and batch on a
+    given machine; the global RNG state is left untouched. EOS is never sampled, so every window runs
+    to `seq_len` tokens. The sampling loop is `sampling.sample_continuations` (reserved KV cache,
+    inverse-CDF draws): 1.33x faster than `model.generate` on SmolLM2. On CPUs with native bf16 the
+    Linears sample with bf16 copies of their weights (`mixed_precision.bf16_linear_copies`, unless
+    `SQLORA_CALIBRATION_BF16=0` or memory is short): 1.27x faster again (SmolLM2, 32 x 512: 72 s
+    against 92 s; 64 x 128 takes 16-20 s), and the text is still the model's own, rounded the way a
+    bf16 deployment of it would write.
     """
     if not can_generate_text(model):
         raise _err(f"{SELF!r} samples calibration text from the model, but {type(model).__name__} cannot generate "

@@ -86,9 +86,9 @@ class SQLoRAConfig(QuantizationConfigMixin):
             activation aware (GPTQ with the low-rank term fitted to the data) and runs after the fp
             model has loaded. Only a record of it (source, samples, length, sha256) is written to
             config.json.
-        calibration_samples: number of calibration windows (default 128; 16 with "self"; 2048 with "self"
+        calibration_samples: number of calibration windows (default 128; 64 with "self"; 2048 with "self"
             on a model that cannot generate, e.g. an encoder).
-        calibration_seq_len: tokens per window (default 512, also with "self"; 32 with "self" on a model
+        calibration_seq_len: tokens per window (default 512; 128 with "self"; 32 with "self" on a model
             that cannot generate).
         calibration_method: "intrinsic" (GPTQ-intrinsic LoRA), "eora" (GPTQ, then the whitened-SVD
             correction of the residual) or "gptq" (GPTQ, then a plain SVD correction).

@@ -402,9 +402,10 @@ def test_self_generated_calibration_needs_no_data_and_is_reproducible(tiny_model
 
     path, _ = tiny_model_dirs["llama"]
     own = SQLoRAConfig(calibration="self")
-    assert (own.calibration_samples, own.calibration_seq_len, SQLoRAConfig().calibration_samples) == (16, 512, 128)
+    assert (own.calibration_samples, own.calibration_seq_len, SQLoRAConfig().calibration_samples) == (64, 128, 128)
+    too_long = SQLoRAConfig(calibration="self", calibration_seq_len=512)
     with pytest.raises(ValueError, match=r"calibration_seq_len=512 is longer than the model's 128 positions"):
-        AutoModelForCausalLM.from_pretrained(path, quantization_config=own)  # the tiny model has 128
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=too_long)  # the tiny model has 128
 
     def load():
         cfg = SQLoRAConfig(bits=4, rank=2, calibration="self", calibration_samples=3, calibration_seq_len=12)
