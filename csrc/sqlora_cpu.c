@@ -2905,6 +2905,15 @@ int sqlora_cpu_linear_desc(const int64_t *d, int isa, int flags, int n_threads, 
 /* ---------------------------------------------------------------------------------------------- */
 /* GPTQ's column sweep (sqlora_hf/compression/gptq.py): the hot loop of calibrated compression     */
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* The compressors' loops below are plain C that the compiler vectorises; built once per ISA and picked
+ * at load (ifunc), they run 512- or 256-bit wide where the baseline build would use 128-bit vectors.
+ * Same arithmetic in every clone (no contraction into FMAs under -std=c11), so the same results. */
+#define SQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SQ_CLONES
+#endif
+
 /* Columns c0 .. c1-1 of one lazy block of GPTQ's sweep, worked on W^T (row i of `w` is column i of
  * the block). For each column i: quantize its N weights against their scales (the nearest NF level,
  * or int8 rounded half to even), write the codes, the dequantized values q and the scaled error
@@ -2916,6 +2925,7 @@ int sqlora_cpu_linear_desc(const int64_t *d, int isa, int flags, int n_threads, 
  * block's square of the upper inverse-Hessian factor); column i's scales start at scale + i*scale_ld
  * (scale_ld 0: one scale vector for every column, the group-at-a-time sweep). levels/mids: the
  * 2^bits NF levels and their 2^bits - 1 midpoints (unused for bits == 8). */
+SQ_CLONES
 int sqlora_gptq_columns(int n_threads, int64_t nb, int64_t c0, int64_t c1, int64_t N, float *w, int64_t ld,
                         const float *hinv, int64_t ldh, const float *scale, int64_t scale_ld, int bits,
                         const float *levels, const float *mids, uint8_t *codes, float *q, float *err) {
@@ -2975,13 +2985,6 @@ int sqlora_gptq_columns(int n_threads, int64_t nb, int64_t c0, int64_t c1, int64
  * sqlora_gptq_columns, transposed: row j of w, e, g, scale, keep, codes, delta is column j of the block.
  * e and g are updated in place (g only inside the block: the caller applies the block's changes
  * `delta` to the other columns with one matrix product); keep (0/1 bytes) may be NULL (dense). */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-/* The loops below are plain C that the compiler vectorises; built once per ISA and picked at load
- * (ifunc), they run 512- or 256-bit wide where the baseline build would use 128-bit vectors. */
-#define SQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SQ_CLONES
-#endif
 
 SQ_CLONES
 int sqlora_cd_columns(int n_threads, int64_t nb, int64_t N, const float *w, float *e, float *g, int64_t ld,
@@ -3111,6 +3114,7 @@ int sqlora_nearest_codes(int n_threads, int64_t n, const float *x, int n_mids, c
  * sqlora_nearest_codes' rule; 8 bits: round half to even, clamped to +-127), so codes agree with it bit
  * for bit and only the order of the sums differs. vc and cc (both or neither may be NULL) get
  * sum v * level and sum level^2, what a least-squares refit of the scale needs. */
+SQ_CLONES
 int sqlora_scale_errors(int n_threads, int64_t n_groups, int64_t g, const float *v, int64_t n_cand,
                         const float *scales, int bits, const float *levels, const float *mids, float *err,
                         float *vc, float *cc) {
