@@ -898,3 +898,24 @@ def test_bf16_forward_passes_compress_as_well_as_fp32(tiny_model_dirs, monkeypat
     # the planner's loss-gradient pass stays fp32 (bf16 there changed the plan: docs/calibrated.md)
     assert dtypes["0"] == {torch.float32} and torch.bfloat16 in dtypes["1"]
     assert 0 < errors["1"] < 1.2 * errors["0"]
+
+
+def test_inverse_cholesky_factor_matches_the_factor_of_the_inverse():
+    """GPTQ's `U` (upper, `Uᵀ U = H⁻¹`) comes from one Cholesky of the order-reversed H; it must be the
+    Cholesky factor of H⁻¹ itself, and a singular H gets damped until it factorises."""
+    from sqlora_hf.compression.gptq import _inverse_cholesky_upper
+
+    g = torch.Generator().manual_seed(5)
+    k = 97
+    x = torch.randn(3 * k, k, generator=g) * torch.rand(k, generator=g) ** 3  # badly scaled inputs
+    h = x.T @ x / (3 * k)
+    h.diagonal().add_(0.01 * float(h.diagonal().mean()))
+    u = _inverse_cholesky_upper(h)
+    assert torch.equal(u, torch.triu(u)) and bool((torch.diagonal(u) > 0).all())
+    reference = torch.linalg.cholesky(torch.linalg.inv(h.double()), upper=True)
+    assert float((u.double() - reference).norm() / reference.norm()) < 1e-5
+    torch.testing.assert_close((u.double().T @ u.double()) @ h.double(), torch.eye(k, dtype=torch.float64),
+                               atol=1e-3, rtol=0)
+    singular = x[:10].T @ x[:10]  # rank 10 of 97: needs the damping loop
+    u = _inverse_cholesky_upper(singular)
+    assert bool(torch.isfinite(u).all()) and bool((torch.diagonal(u) > 0).all())

@@ -122,7 +122,7 @@ def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
 
     Formed without H⁻¹: with J the order reversal and `J H J = L Lᵀ`, `H⁻¹ = Uᵀ U` for the upper
     triangular `U = J L⁻¹ J`, so one Cholesky and one triangular inverse do it (2/3 K³ flops, where
-    Cholesky, `cholesky_inverse` and a second Cholesky took 4/3 K³: SmolLM2's 120 factors, 3.0 s -> 1.5 s).
+    Cholesky, `cholesky_inverse` and a second Cholesky took 4/3 K³; SmolLM2's 120 factors: 3.0 s -> 2.4 s).
     """
     extra = 0.0
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
