@@ -32,6 +32,7 @@ WALKS_SOURCE = "self-generated (embedding walks)"
 # 1.087 / 1.090 / 1.086x, 48 x 128 1.081-1.096x, 64 x 96 1.079-1.093x, 32 x 256 1.078 / 1.104x
 # (docs/calibrated.md)
 SELF_SAMPLES, SELF_SEQ_LEN = 64, 128
+KV_MEMORY_SHARE = 0.25  # of the free memory, at most, for the sampling's KV cache
 # An encoder's windows (walks over its token embeddings, `self_walks`): cheap to make, and more of them
 # kept helping. MiniLM, cosine at 4.25 / 3.25 bpw: 16 x 512 0.978 / 0.907, 128 x 128 0.983 / 0.919,
 # 512 x 64 0.984 / 0.929, 2048 x 32 0.986 / 0.933 in 18-19 s (docs/benchmarks_quality.md)
@@ -172,14 +173,15 @@ def self_generated(model: Any, samples: int, seq_len: int, seed: int = 0, batch:
     4.25 bpw, 40 windows of evaluation, 64 x 256 tokens: 1.094x the fp32 perplexity against 1.105x from
     BOS). The default 64 x 128 gives 1.074-1.082x over 98 windows, against 1.28x data-free
     (docs/calibrated.md). `batch` windows are sampled together: a step's cost is mostly reading the
-    weights, so 64 rows cost about twice what 16 do, not 4x. Deterministic for a given seed and batch on a
-    given machine; the global RNG state is left untouched. EOS is never sampled, so every window runs
-    to `seq_len` tokens. The sampling loop is `sampling.sample_continuations` (reserved KV cache,
-    inverse-CDF draws): 1.33x faster than `model.generate` on SmolLM2. On CPUs with native bf16 the
-    Linears sample with bf16 copies of their weights (`mixed_precision.bf16_linear_copies`, unless
-    `SQLORA_CALIBRATION_BF16=0` or memory is short): 1.27x faster again (SmolLM2, 32 x 512: 72 s
-    against 92 s; 64 x 128 takes 16-20 s), and the text is still the model's own, rounded the way a
-    bf16 deployment of it would write.
+    weights, so 64 rows cost about twice what 16 do, not 4x (fewer rows where their KV cache would not
+    fit: `rows_that_fit`). Deterministic for a given seed and batch on a given machine; the global RNG
+    state is left untouched. EOS is never sampled, so every window runs to `seq_len` tokens. The
+    sampling loop is `sampling.sample_continuations` (reserved KV cache, inverse-CDF draws): 1.33x
+    faster than `model.generate` on SmolLM2. On CPUs with native bf16 the Linears sample with bf16
+    copies of their weights (`mixed_precision.bf16_linear_copies`, unless `SQLORA_CALIBRATION_BF16=0`
+    or memory is short): 1.27x faster again (SmolLM2, 32 x 512: 72 s against 92 s; 64 x 128 takes
+    16-20 s), and the text is still the model's own, rounded the way a bf16 deployment of it would
+    write.
     """
     if not can_generate_text(model):
         raise _err(f"{SELF!r} samples calibration text from the model, but {type(model).__name__} cannot generate "
@@ -191,6 +193,10 @@ def self_generated(model: Any, samples: int, seq_len: int, seed: int = 0, batch:
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     eos = _special_ids(model, ("eos_token_id",))  # a window runs to exactly seq_len tokens, as with min_new_tokens
+    # every window's draws up front, so the windows do not depend on how many are sampled together
+    starts = allowed[torch.randint(0, allowed.numel(), (samples,), generator=generator)]
+    uniforms = torch.rand(samples, seq_len - 1, generator=generator)
+    batch = rows_that_fit(model, seq_len, batch)
     rows = []
     was_training = model.training
     model.eval()
@@ -198,13 +204,30 @@ def self_generated(model: Any, samples: int, seq_len: int, seed: int = 0, batch:
             total=samples * (seq_len - 1), desc="sqlora: sampling calibration text", unit="token",
             unit_scale=True) as bar:
         for first in range(0, samples, batch):
-            n = min(batch, samples - first)
-            pick = torch.randint(0, allowed.numel(), (n,), generator=generator)
-            uniforms = torch.rand(n, seq_len - 1, generator=generator)
-            start = allowed[pick].unsqueeze(1).to(device)
-            rows.append(sample_continuations(model, start, seq_len, uniforms, banned=eos, on_step=bar.update))
+            start = starts[first:first + batch].unsqueeze(1).to(device)
+            rows.append(sample_continuations(model, start, seq_len, uniforms[first:first + batch], banned=eos,
+                                             on_step=bar.update))
     model.train(was_training)
     return torch.cat(rows)
+
+
+def rows_that_fit(model: Any, seq_len: int, batch: int) -> int:
+    """How many windows to sample together: `batch`, or fewer where their keys and values (reserved
+    for `seq_len` positions) would take more than `KV_MEMORY_SHARE` of the free memory. A 7B Llama
+    keeps 1 MB of fp32 keys and values per token, so 64 windows of 2048 tokens would need 128 GB;
+    SmolLM2's default 64 x 128 needs 0.4 GB. Models whose config does not give the cache's size keep
+    `batch`."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    if not all(isinstance(v, int) and v > 0 for v in (layers, kv_heads, head_dim)):
+        return batch
+    per_window = 2 * layers * kv_heads * head_dim * seq_len * next(model.parameters()).element_size()
+    from .mixed_precision import _available_memory_bytes
+
+    return max(1, min(batch, int(KV_MEMORY_SHARE * _available_memory_bytes() // per_window)))
 
 
 def can_generate_text(model: Any) -> bool:

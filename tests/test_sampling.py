@@ -131,3 +131,28 @@ def test_bf16_linear_copies_failing_half_way_restore_every_linear(tiny_model_dir
         with mixed_precision.bf16_linear_copies(model):
             pass
     assert len(made) == 3 and not any("forward" in vars(m) for m in model.modules())
+
+
+def test_sampling_batch_shrinks_to_the_memory_its_kv_cache_may_take(tiny_model_dirs, monkeypatch):
+    """calibration="self" samples up to 64 windows together, fewer where their reserved keys and values
+    would exceed a quarter of the free memory; the windows drawn do not depend on how many go together."""
+    from transformers import AutoModelForCausalLM
+
+    from sqlora_hf import calibration, mixed_precision
+
+    path, _ = tiny_model_dirs["llama"]
+    model = AutoModelForCausalLM.from_pretrained(path)
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    per_window = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 12 * 4  # fp32, 12 positions
+    assert calibration.rows_that_fit(model, 12, 64) == 64
+    monkeypatch.setattr(mixed_precision, "_available_memory_bytes", lambda: 4 * 3 * per_window)
+    assert calibration.rows_that_fit(model, 12, 64) == 3
+    monkeypatch.setattr(mixed_precision, "_available_memory_bytes", lambda: 0)
+    assert calibration.rows_that_fit(model, 12, 64) == 1
+    monkeypatch.setenv("SQLORA_CALIBRATION_BF16", "0")  # fp32 products: the same numbers at any batch size
+    monkeypatch.setattr(mixed_precision, "_available_memory_bytes", lambda: 4 * 2 * per_window)
+    two_at_a_time = calibration.self_generated(model, 5, 12)
+    monkeypatch.setattr(mixed_precision, "_available_memory_bytes", lambda: 1 << 40)
+    all_together = calibration.self_generated(model, 5, 12)
+    assert torch.equal(two_at_a_time, all_together)
