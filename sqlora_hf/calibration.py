@@ -221,7 +221,8 @@ def rows_that_fit(model: Any, seq_len: int, batch: int) -> int:
     layers = getattr(config, "num_hidden_layers", None)
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    hidden = getattr(config, "hidden_size", None)
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
     if not all(isinstance(v, int) and v > 0 for v in (layers, kv_heads, head_dim)):
         return batch
     per_window = 2 * layers * kv_heads * head_dim * seq_len * next(model.parameters()).element_size()
