@@ -98,7 +98,8 @@ def validate_calibration(data: Any) -> None:
         if all(isinstance(t, torch.Tensor) for t in data):
             return
         raise _err("a list must hold only strings (texts) or only 1-D token-id tensors")
-    raise _err(f"unsupported type {type(data).__name__}; allowed: list of str, datasets.Dataset, token-id tensor")
+    raise _err(f"type {type(data).__name__!r} is not calibration data: pass None, {SELF!r}, a list of texts, a "
+               "datasets.Dataset with a 'text' column, a token-id tensor or a list of 1-D token-id tensors")
 
 
 def prepare(data: Any, tokenizer: Any, samples: int, seq_len: int, text_column: str = "text",

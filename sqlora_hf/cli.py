@@ -27,6 +27,11 @@ class CLIError(Exception):
     """A user-facing failure: printed as one line, exit status 1."""
 
 
+class CLIUsageError(CLIError):
+    """A bad option value found after parsing (e.g. `--bits 5`, refused by SQLoRAConfig): exit status 2, like
+    argparse's own errors."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad argument gives one line (not the usage block) and exit status 2."""
 
@@ -73,17 +78,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if args.budget is not None and "memory_budget" in str(err) and "unknown" in str(err):
             raise CLIError("--budget needs SQLoRAConfig(memory_budget=...), which this sqlora_hf version does "
                            "not have yet; compress without --budget") from None
-        raise CLIError(str(err)) from None
+        raise CLIUsageError(str(err)) from None
     if args.model and args.gguf:
-        raise CLIError("give either MODEL or --gguf FILE, not both")
+        raise CLIUsageError("give either MODEL or --gguf FILE, not both")
     source = args.gguf or args.model
     if not source:
-        raise CLIError("MODEL is missing: a model directory, a .gguf file, or a Hub repo id")
+        raise CLIUsageError("MODEL is missing: a model directory, a .gguf file, or a Hub repo id")
     out = args.out
     if os.path.exists(os.path.join(out, "config.json")) and not args.overwrite:
         raise CLIError(f"{out!r} already holds a model; pass --overwrite to replace it")
     if args.dtype not in ("auto", "float32", "float16", "bfloat16"):
-        raise CLIError(f"--dtype must be auto, float32, float16 or bfloat16, got {args.dtype!r}")
+        raise CLIUsageError(f"--dtype must be auto, float32, float16 or bfloat16, got {args.dtype!r}")
 
     with tempfile.TemporaryDirectory(prefix="sqlora_gguf_") as scratch:
         source_dir, base_model, license = _resolve_source(source, bool(args.gguf), scratch)  # noqa: A001
@@ -261,9 +266,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.text):
         raise CLIError(f"--text {args.text!r} is not a file")
     if args.context < 2:
-        raise CLIError(f"--context must be at least 2 tokens, got {args.context}")
+        raise CLIUsageError(f"--context must be at least 2 tokens, got {args.context}")
     if args.max_windows is not None and args.max_windows < 1:
-        raise CLIError(f"--max-windows must be at least 1, got {args.max_windows}")
+        raise CLIUsageError(f"--max-windows must be at least 1, got {args.max_windows}")
     from transformers import AutoTokenizer
 
     from .evaluation import perplexity
@@ -294,7 +299,7 @@ def _parse_quality(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name.strip() or not value.strip():
-            raise CLIError(f"--quality expects NAME=VALUE (e.g. 'perplexity=12.3'), got {item!r}")
+            raise CLIUsageError(f"--quality expects NAME=VALUE (e.g. 'perplexity=12.3'), got {item!r}")
         try:
             out[name.strip()] = float(value)
         except ValueError:
@@ -328,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
         "compress", help="compress a model and save it",
         description=_wrap("Compress every eligible Linear layer of MODEL (W ≈ Q + L·R) and save the result in OUT, "
                     "with a model card (README.md) and, if matplotlib is installed, an allocation picture. "
-                    "Embeddings, the output head and tied weights always stay uncompressed."),
+                    "Embeddings, the output head and tied weights stay uncompressed, except that --head-bits 8 packs the output "
+                    "head as int8 rows (a tied embedding then reads its rows from it)."),
         epilog="examples:\n  sqlora compress ./my-model ./my-model-sqlora --bits 4 --rank auto\n"
                "  sqlora compress --gguf smollm2 ./smollm2-sqlora --bits 3 --sparsity 4:8\n" + EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -412,7 +418,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if os.environ.get("SQLORA_DEBUG"):
             raise
         print(f"sqlora {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, CLIUsageError) else 1
 
 
 def _one_line(err: BaseException) -> str:

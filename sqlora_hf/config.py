@@ -37,13 +37,15 @@ class SQLoRAConfig(QuantizationConfigMixin):
     """Configuration of sqlora_hf compression.
 
     Args:
-        bits: bit width of the quantized weights: 2, 3, 4 (normal-float codebooks) or 8 (int8).
+        bits: bit width of the quantized weights: 2 (a skewed 4-level table), 3, 4 (normal-float
+            codebooks) or 8 (int8).
         group_size: input columns sharing one float16 scale: 32, 64, 128 or 256.
         sparsity: None (dense), "2:4" or "4:8" structured sparsity. Opt-in: it costs quality.
         rank: rank of the low-rank correction `L·R`: an int (0 = none) or "auto" (chosen per layer
             from the spectrum of the quantization residual).
         modules_to_not_convert: module names or patterns left uncompressed (transformers' matching
-            rules). Embeddings and the output head always stay uncompressed.
+            rules). Embeddings and the output head stay uncompressed unless `head_bits=8` packs the
+            head (and a tied embedding reads its rows from it).
         compute_dtype: dtype of the matmul: None (the activations' dtype), "float32", "float16",
             "bfloat16".
         backend: kernel backend: "auto" (fastest available) or a registered name such as "reference".
@@ -251,7 +253,8 @@ class SQLoRAConfig(QuantizationConfigMixin):
         try:
             validate_calibration(self.calibration)
         except ValueError as err:
-            raise _bad("calibration", _short(self.calibration), str(err).split(": ", 1)[-1]) from None
+            raise ValueError(f"SQLoRAConfig.calibration={_short(self.calibration)} is not valid: "
+                             f"{str(err).split(': ', 1)[-1]}") from None
         for field in ("calibration_samples", "calibration_seq_len"):
             value = getattr(self, field)
             if not _is_int(value) or value < 1:

@@ -162,6 +162,24 @@ def test_every_command_with_bad_arguments_exits_nonzero_with_one_line(source_dir
         assert len(reason) == 1, f"{argv} printed more than one error line: {err!r}"
 
 
+def test_bad_option_values_exit_2_like_argparse_errors(source_dir, compressed_dir, text_file, tmp_path, capsys):
+    """Exit status 2 means "bad arguments" whether argparse or SQLoRAConfig refused the value; 1 is for the
+    rest (a missing model, an existing output directory, ...)."""
+    missing = str(tmp_path / "missing")
+    usage = [["compress", str(source_dir), f"{missing}/out", "--bits", "5"],
+             ["compress", str(source_dir), f"{missing}/out", "--sparsity", "3:4"],
+             ["compress", str(source_dir), f"{missing}/out", "--budget", "xyz"],
+             ["compress", str(source_dir), f"{missing}/out", "--dtype", "int4"],
+             ["eval", str(compressed_dir), "--text", str(text_file), "--context", "1"],
+             ["push", str(compressed_dir), "tester/x", "--quality", "perplexity"]]
+    for argv in usage:
+        assert main(argv) == 2, argv
+        assert "error: " in capsys.readouterr().err
+    assert main(["compress", missing, f"{missing}/out"]) == 1
+    assert main(["compress", str(source_dir), str(compressed_dir)]) == 1  # already holds a model
+    capsys.readouterr()
+
+
 def test_push_without_token_is_one_line(compressed_dir, monkeypatch, tmp_path, capsys):
     from huggingface_hub import constants
 

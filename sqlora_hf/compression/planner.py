@@ -71,7 +71,7 @@ class Budget:
 
 def parse_budget(value: Any, field_name: str = "memory_budget") -> Budget:
     """`320_000_000`, `"320MB"`, `"1.5GiB"` (whole model) or `"3.25bpw"` (average bits per weight)."""
-    allowed = '"auto", an int number of bytes > 0, a size string such as "320MB" / "1.5GiB", or "3.25bpw" (2.25 to 16)'
+    allowed = 'None (no planning), "auto", an int number of bytes > 0, a size string such as "320MB" / "1.5GiB", or "3.25bpw" (2.25 to 16)'
     if isinstance(value, bool):
         raise ValueError(f"SQLoRAConfig.{field_name}={value!r} is not valid; allowed: {allowed}")
     if isinstance(value, int):
