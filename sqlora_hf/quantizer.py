@@ -26,6 +26,7 @@ from .calibration import can_generate_text, is_self
 from .compression import CompressionSpec, compress_weight
 from .config import SQLoRAConfig
 from .formats.layer import FormatError, layout_problem
+from .nn.embedding import PackedEmbedding
 from .nn.linear import PACKED_NAMES, SQLoRALinear
 from .output_head import bind_packed_embedding, compress_output_head
 
@@ -290,12 +291,31 @@ class SQLoRAHfQuantizer(HfQuantizer):
         return True
 
     def _dequantize(self, model, dtype=None):
+        """Every packed module back to a dense one of the class it replaced: `nn.Linear`, GPT-2's `Conv1D`
+        (whose weight is stored `[in, out]`), and a `PackedEmbedding` (`head_bits`) an `nn.Embedding` with its
+        own copy of the rows, so the saved checkpoint holds both matrices and reloads without sqlora_hf."""
+        for name, module in list(model.named_modules()):
+            if isinstance(module, PackedEmbedding):
+                weight = module.dequantize(torch.float32)
+                target = dtype or module.output_dtype
+                dense_emb = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
+                                         device=weight.device, dtype=target)
+                with torch.no_grad():
+                    dense_emb.weight.copy_(weight.to(target))
+                model.set_submodule(name, dense_emb)
         for name, module in list(model.named_modules()):
             if isinstance(module, SQLoRALinear):
                 weight = module.dequantize(torch.float32)
                 target = dtype or (module.bias.dtype if module.bias is not None else torch.float32)
-                dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                  device=weight.device, dtype=target)
+                if module.transposed_source:
+                    dense = Conv1D(module.out_features, module.in_features)
+                    dense.to(device=weight.device, dtype=target)
+                    if module.bias is None:
+                        dense.bias = None
+                    weight = weight.t()
+                else:
+                    dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                      device=weight.device, dtype=target)
                 with torch.no_grad():
                     dense.weight.copy_(weight.to(target))
                     if module.bias is not None:

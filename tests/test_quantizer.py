@@ -233,6 +233,30 @@ def test_dequantize_model_back_to_linear(tiny_model_dirs):
     torch.testing.assert_close(_out(dense, ids), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch,cfg", [("gpt2", {}), ("llama", {"head_bits": 8})])
+def test_dequantized_model_saves_and_reloads_without_sqlora(tiny_model_dirs, tmp_path, arch, cfg):
+    """GPT-2's Conv1D comes back as a Conv1D (weight `[in, out]`; as an nn.Linear its square layers would
+    reload transposed without an error), and the `head_bits` embedding as an nn.Embedding with its own rows
+    (a PackedEmbedding saves nothing, so the reload would get random embeddings)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from sqlora_hf.nn.embedding import PackedEmbedding
+
+    path, kind = tiny_model_dirs[arch]
+    q = _load(path, kind, quantization_config=SQLoRAConfig(rank=2, **cfg))
+    ids = _inputs()
+    ref = _out(q, ids)
+    dense = q.dequantize()
+    assert not any(isinstance(m, (SQLoRALinear, PackedEmbedding)) for m in dense.modules())
+    if arch == "gpt2":
+        assert isinstance(dense.transformer.h[0].attn.c_proj, Conv1D)
+    torch.testing.assert_close(_out(dense, ids), ref, rtol=1e-4, atol=1e-4)
+    dense.save_pretrained(tmp_path / "dense")
+    again = auto_class(kind).from_pretrained(tmp_path / "dense")
+    assert not any(isinstance(m, (SQLoRALinear, PackedEmbedding)) for m in again.modules())
+    torch.testing.assert_close(_out(again, ids), _out(dense, ids), rtol=0, atol=0)
+
+
 def test_saved_header_names_match_format(saved_quantized):
     directory, _ = saved_quantized
     with safe_open(directory / "model.safetensors", "pt") as h:
