@@ -250,7 +250,13 @@ class SQLoRAHfQuantizer(HfQuantizer):
                         raise FormatError(f"{name}.{leaf} was not loaded from the checkpoint (missing or unreadable)")
             elif not module.is_packed:
                 raise FormatError(f"{name}.weight was missing from the checkpoint, so the layer was never compressed")
-            module.packed().validate(name)
+            packed = module.packed()
+            packed.validate(name)
+            if (packed.out_features, packed.in_features) != (module.out_features, module.in_features):
+                raise FormatError(
+                    f"{name}: the checkpoint's packed layer is {packed.out_features} x {packed.in_features} "
+                    f"(out x in features), but this model's layer is {module.out_features} x {module.in_features}; "
+                    "the checkpoint does not belong to this model's config")
         from .budget import apply_elastic_rank
 
         apply_elastic_rank(model, self.quantization_config, self.converted, self.pre_quantized)

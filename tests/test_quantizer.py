@@ -148,6 +148,10 @@ def _edit_checkpoint(directory, fn):
     (lambda sd: sd.__setitem__("model.layers.0.mlp.gate_proj.qcodes",
                                sd["model.layers.0.mlp.gate_proj.qcodes"].to(torch.int32)),
      r"model\.layers\.0\.mlp\.gate_proj\.qcodes must be torch\.uint8"),
+    # a self-consistent layer of the wrong size (up_proj's tensors under down_proj's name)
+    (lambda sd: [sd.__setitem__(k.replace("up_proj", "down_proj"), sd[k].clone()) for k in list(sd)
+                 if k.startswith("model.layers.0.mlp.up_proj.")],
+     r"model\.layers\.0\.mlp\.down_proj: the checkpoint's packed layer is 256 x 128 .* this model's layer is 128 x 256"),
 ])
 def test_broken_prequantized_checkpoint_is_an_error_naming_the_tensor(saved_quantized, edit, needle):
     directory, kind = saved_quantized
