@@ -86,6 +86,25 @@ def replace_linears(model: nn.Module, config: SQLoRAConfig, skip: list[str],
     return swapped
 
 
+def nothing_to_compress(model: nn.Module, config: SQLoRAConfig, skip: list[str]) -> str:
+    """Why no layer of `model` can be compressed with `config`: a config that would leave the whole model
+    uncompressed is an error, not a "sqlora" model of 0 layers."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    if not linears:
+        return f"sqlora found no Linear layer to compress in this {type(model).__name__}"
+    kept = [n for n, _ in linears if should_convert_module(n, skip)]
+    if not kept:
+        return (f"sqlora found no layer to compress: all {len(linears)} Linear layers are skipped "
+                f"(modules_to_not_convert, the output head and tied weights; first: {linears[0][0]})")
+    in_features = {n: (m.weight.shape[0] if isinstance(m, Conv1D) else m.in_features) for n, m in linears}
+    first = kept[0]
+    problem = layout_problem(config.bits, config.group_size, config.sparsity, in_features[first])
+    sizes = sorted({in_features[n] for n in kept})
+    return (f"sqlora found no layer to compress: none of the {len(kept)} eligible Linear layers can be packed with "
+            f"group_size={config.group_size}, sparsity={config.sparsity!r} (first: {first}: {problem}; their "
+            f"in_features are {sizes}); choose a group_size (32, 64, 128 or 256) that divides them")
+
+
 def read_packed_headers(checkpoint_files: list[str]) -> dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]]:
     """{module prefix: {buffer name: (shape, dtype)}} for every packed tensor in the checkpoint, read
     from the safetensors headers without loading data."""
@@ -187,9 +206,17 @@ class SQLoRAHfQuantizer(HfQuantizer):
             # is and compress it block by block once loaded (_process_model_after_weight_loading).
             self.checkpoint_dir = os.path.dirname(checkpoint_files[0]) if checkpoint_files else None
             self.converted = []
+            if self.quantization_config.head_bits is None and not any(
+                    should_convert_module(n, skip) and not layout_problem(
+                        self.quantization_config.bits, self.quantization_config.group_size,
+                        self.quantization_config.sparsity, m.weight.shape[0] if isinstance(m, Conv1D) else m.in_features)
+                    for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))):
+                raise ValueError(nothing_to_compress(model, self.quantization_config, skip))
             return model
         if not self.pre_quantized:
             self.converted = replace_linears(model, self.quantization_config, skip)
+            if not self.converted and self.quantization_config.head_bits is None:
+                raise ValueError(nothing_to_compress(model, self.quantization_config, skip))
             for name in self.converted:
                 model.get_submodule(name).add_weight_slot(_meta_dtype(model))
             if self.quantization_config.memory_budget is not None:

@@ -268,3 +268,19 @@ def test_saved_header_names_match_format(saved_quantized):
     prefix = "model.layers.0.self_attn.q_proj."
     assert {prefix + n for n in ("qmeta", "qcodes", "qscales", "qmask", "lowrank_l", "lowrank_r")} <= keys
     assert prefix + "weight" not in keys
+
+
+@pytest.mark.parametrize("cfg,needle", [
+    (dict(group_size=256, modules_to_not_convert=["down_proj"]),
+     r"none of the \d+ eligible Linear layers can be packed with group_size=256,.*in_features are \[128\]"),
+    (dict(modules_to_not_convert=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+     r"all \d+ Linear layers are skipped"),
+    (dict(group_size=256, modules_to_not_convert=["down_proj"], calibration=[torch.arange(64) % 256]),
+     r"none of the \d+ eligible Linear layers"),
+])
+def test_a_config_that_compresses_nothing_is_an_error(tiny_model_dirs, cfg, needle):
+    """Not a "sqlora" model of 0 layers at 0.0 bits per weight (the tiny Llama's in_features are 128, and 256
+    for down_proj, which the cases with group_size=256 skip)."""
+    path, kind = tiny_model_dirs["llama"]
+    with pytest.raises(ValueError, match=needle):
+        _load(path, kind, quantization_config=SQLoRAConfig(**cfg))
