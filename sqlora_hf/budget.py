@@ -16,7 +16,7 @@ from transformers.utils import logging as hf_logging
 from .compression import CompressionSpec
 from .compression.checkpoint_plan import LayerToPlan, plan_checkpoint
 from .compression.elastic import kept_rank, ranks_for_budget, truncate_rank
-from .compression.planner import BudgetError, pareto_front, parse_budget
+from .compression.planner import BudgetError, budget_advice, pareto_front, parse_budget
 from .config import SQLoRAConfig
 from .mixed_precision import forward_autocast, full_precision
 
@@ -335,7 +335,7 @@ def plan_calibrated_budget(model: nn.Module, config: SQLoRAConfig, input_ids: to
             f"SQLoRAConfig.memory_budget={config.memory_budget!r} cannot be met: the smallest achievable is "
             f"{least + fixed} bytes for the whole model ({8 * least / max(n_weights, 1):.3f} bits per weight over "
             f"the compressed layers, with tiers {tiers}); the uncompressed parts alone take {fixed} bytes. "
-            "Allow smaller tiers (e.g. tiers=[2, 3, 4, 8]) or raise the budget")
+            + budget_advice(tiers, config.rank, config.sparsity))
     choice = solve_budget(fronts, layer_budget)
     return {name: replace(base, bits=front[j].bits, group_size=front[j].group_size, rank=front[j].rank)
             for name, front, j in zip(names, fronts, choice)}

@@ -212,7 +212,8 @@ class SQLoRAConfig(QuantizationConfigMixin):
         from .compression.planner import parse_budget
 
         if self.memory_budget is not None:
-            parse_budget(self.memory_budget, "memory_budget")  # raises naming the field
+            if parse_budget(self.memory_budget, "memory_budget").auto:  # raises naming the field
+                self.memory_budget = DEFAULT_MEMORY_BUDGET  # " Auto " and "auto" are the same budget
         t = self.tiers
         if (not isinstance(t, (list, tuple)) or not t or not all(_is_int(b) and b in ALLOWED_BITS for b in t)):
             raise _bad("tiers", t, "a non-empty list of bit widths from " + ", ".join(map(str, ALLOWED_BITS)))

@@ -272,6 +272,10 @@ def test_impossible_model_budget_is_a_clear_error(tiny_model_dirs):
     path, _ = tiny_model_dirs["llama"]
     with pytest.raises(ValueError, match=r"memory_budget='100KB' cannot be met: the smallest achievable is \d+ bytes"):
         _load(path, quantization_config=SQLoRAConfig(memory_budget="100KB"))
+    # the advice names what this config fixed: here the rank, not the tiers it already allows
+    with pytest.raises(ValueError, match=r"To meet it: use rank='auto' or 0 \(a fixed rank=8 .*raise the budget") as err:
+        _load(path, quantization_config=SQLoRAConfig(memory_budget="100KB", rank=8, tiers=(2, 3, 4, 8)))
+    assert "allow smaller tiers" not in str(err.value)
 
 
 def test_rank_keep_and_budget_truncate_on_reload(tiny_model_dirs, tmp_path):

@@ -80,3 +80,9 @@ def test_asymmetric_calibration_default_and_choice():
     for value in (True, False):
         again = SQLoRAConfig.from_dict(SQLoRAConfig(asymmetric_calibration=value).to_dict())
         assert again.resolved_asymmetric_calibration() is value
+
+
+def test_memory_budget_auto_is_normalised():
+    """ "auto " validated as "auto" but was stored as given, and a reload compared it with the literal "auto"."""
+    assert SQLoRAConfig(memory_budget="auto ").memory_budget == "auto"
+    assert SQLoRAConfig(memory_budget=" auto").to_dict()["memory_budget"] == "auto"

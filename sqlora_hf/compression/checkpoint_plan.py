@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from .compress import CompressionSpec
-from .planner import (Budget, BudgetError, Candidate, auto_target_bytes, layer_candidates, pareto_front,
+from .planner import (Budget, BudgetError, Candidate, budget_advice, auto_target_bytes, layer_candidates, pareto_front,
                       solve_budget)
 
 
@@ -109,7 +109,7 @@ def plan_checkpoint(layers: Sequence[LayerToPlan], checkpoint_files: Sequence[st
             f"SQLoRAConfig.memory_budget={shown!r} cannot be met: the smallest achievable is "
             f"{minimum_total} bytes for the whole model ({8 * least / n_weights:.3f} bits per weight over "
             f"the compressed layers, with tiers {list(tiers)}); the uncompressed parts alone take {fixed_bytes} bytes. "
-            "Allow smaller tiers (e.g. tiers=[2, 3, 4, 8]) or raise the budget"
+            + budget_advice(tiers, base.rank, base.sparsity)
         )
     choice = solve_budget(fronts, layer_budget)
     specs: dict[str, CompressionSpec] = {}

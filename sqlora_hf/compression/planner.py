@@ -98,6 +98,19 @@ class BudgetError(ValueError):
     """The budget cannot be met; the message says the least achievable."""
 
 
+def budget_advice(tiers, rank, sparsity) -> str:
+    """What would let a budget that cannot be met be met, given what the config fixed."""
+    ways = []
+    if min(tiers) > 2:
+        ways.append("allow smaller tiers (e.g. tiers=[2, 3, 4, 8])")
+    if isinstance(rank, int) and rank > 0:
+        ways.append(f"use rank='auto' or 0 (a fixed rank={rank} gives every layer its L·R factors)")
+    if sparsity is None:
+        ways.append('add sparsity="4:8" (it costs quality)')
+    ways.append("raise the budget")
+    return "To meet it: " + ", or ".join(ways)
+
+
 def solve_budget(fronts: Sequence[Sequence[Candidate]], budget_bytes: int,
                  resolution: int = 100_000) -> list[int]:
     """Index of the chosen candidate per layer: total bytes <= `budget_bytes`, least summed error.
