@@ -161,7 +161,6 @@ class SQLoRAQuantize(ConversionOps):
             spec = self.quantizer.plan.get(prefix, self.quantizer.spec)
             packed = compress_weight(weight, spec, prefix)
             module.set_packed(packed)
-            module.relative_error = packed.relative_error  # shown by report()
         except Exception as err:
             # Raised here, transformers would bury it in a generic "issues during conversion" error;
             # recorded, it is raised by name once loading ends (_process_model_after_weight_loading).

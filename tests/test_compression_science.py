@@ -306,6 +306,15 @@ def test_rank_keep_and_budget_truncate_on_reload(tiny_model_dirs, tmp_path):
         _load(saved, quantization_config=SQLoRAConfig(memory_budget=1000))
 
 
+def test_report_does_not_show_the_error_of_factors_that_were_cut(tiny_model_dirs):
+    """`relative_error` is measured against the full factors; after rank_keep cuts them it is unknown."""
+    path, _ = tiny_model_dirs["llama"]
+    full = report(_load(path, quantization_config=SQLoRAConfig(memory_budget=None, rank=8)))["layers"]
+    cut = report(_load(path, quantization_config=SQLoRAConfig(memory_budget=None, rank=8, rank_keep=0.5)))["layers"]
+    assert all(isinstance(e["relative_error"], float) for e in full.values())
+    assert all(e["rank"] == 4 and e["relative_error"] is None for e in cut.values())
+
+
 def test_ranks_for_budget_drops_least_energy_per_byte_first():
     big = compress_weight(structured(64, 128, seed=3) * 10, CompressionSpec(rank=4))
     small = compress_weight(structured(64, 128, seed=4) * 0.1, CompressionSpec(rank=4))

@@ -72,6 +72,9 @@ class SQLoRALinear(nn.Module):
         for name in PACKED_NAMES:
             self.register_buffer(name, tensors.get(name))
         self._kernel_cache.clear()
+        # shown by report(): known right after compression, None once the factors were cut (rank_keep,
+        # a reload budget) or for a layer that was loaded packed
+        self.relative_error = getattr(packed, "relative_error", None)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], spec, name: str = "layer",
@@ -85,7 +88,6 @@ class SQLoRALinear(nn.Module):
             module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         packed = compress_weight(weight, spec, name)
         module.set_packed(packed)
-        module.relative_error = packed.relative_error  # shown by report()
         return module
 
     # ---- views ---------------------------------------------------------------------------------
