@@ -89,6 +89,8 @@ def validate_calibration(data: Any) -> None:
             raise _err(f"token ids must be a non-empty 1-D or 2-D integer tensor, got {data.dtype} {tuple(data.shape)}")
         return
     if _is_dataset(data):
+        if "text" not in data.column_names:
+            raise _err(f"the dataset has no 'text' column (columns: {list(data.column_names)})")
         return
     if isinstance(data, (list, tuple)):
         if len(data) == 0:

@@ -311,7 +311,7 @@ class SQLoRAConfig(QuantizationConfigMixin):
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = " ".join(repr(value).split())  # one line (a Dataset's repr has several)
     return text if len(text) < 60 else text[:57] + "..."
 
 

@@ -179,6 +179,7 @@ class SQLoRAHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: SQLoRAConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
+        quantization_config.validate()  # a config edited after it was built (config.bits = 5) is checked too
         self.spec = compression_spec(quantization_config)
         self.errors: dict[str, str] = {}
         self.converted: list[str] = []

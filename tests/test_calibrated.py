@@ -393,6 +393,8 @@ def test_texts_without_tokenizer_and_dataset_without_text_column(tiny_model_dirs
     ds = datasets.Dataset.from_dict({"content": TEXTS})
     with pytest.raises(ValueError, match="no 'text' column"):
         sqlora_hf.compress(model, SQLoRAConfig(), ds, tokenizer=object())
+    with pytest.raises(ValueError, match=r"SQLoRAConfig\.calibration=Dataset\(\{ features.*no 'text' column"):
+        SQLoRAConfig(calibration=ds)  # at config time, in one line, before any weight is read
 
 
 def test_self_generated_calibration_needs_no_data_and_is_reproducible(tiny_model_dirs, tmp_path):

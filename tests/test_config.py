@@ -86,3 +86,14 @@ def test_memory_budget_auto_is_normalised():
     """ "auto " validated as "auto" but was stored as given, and a reload compared it with the literal "auto"."""
     assert SQLoRAConfig(memory_budget="auto ").memory_budget == "auto"
     assert SQLoRAConfig(memory_budget=" auto").to_dict()["memory_budget"] == "auto"
+
+
+@pytest.mark.parametrize("field,value,needle", [("bits", 5, "bits=5"), ("group_size", 48, "group_size=48"),
+                                                ("rank", -2, "rank=-2"), ("sparsity", "1:2", "sparsity='1:2'")])
+def test_a_config_edited_after_it_was_built_is_validated_when_used(tiny_model_dirs, field, value, needle):
+    from transformers import AutoModelForCausalLM
+
+    config = SQLoRAConfig()
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=rf"SQLoRAConfig\.{needle} is not valid"):
+        AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"][0], quantization_config=config)
