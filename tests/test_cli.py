@@ -143,6 +143,8 @@ def test_compress_with_head_bits_packs_the_tied_head(tiny_model_dirs, tmp_path, 
     assert model.lm_head.bits == 8 and type(model.model.embed_tokens).__name__ == "PackedEmbedding"
     assert main(["inspect", str(out)]) == 0
     assert "output head lm_head 256x128: int8 g64" in capsys.readouterr().out
+    card = (out / "README.md").read_text()  # the card says what was packed, not "the head (always)" kept
+    assert "`head_bits=8`" in card and "embeddings, output head and tied weights" not in card
 
 
 def test_every_command_with_bad_arguments_exits_nonzero_with_one_line(source_dir, compressed_dir, text_file,

@@ -115,7 +115,7 @@ def build_model_card(report: Mapping[str, Any], quant_config: Mapping[str, Any],
         calibration=_calibration_text(quant_config),
         compressed_layers=report.get("compressed_layers", len(layers)),
         kept_uncompressed=", ".join(f"`{m}`" for m in quant_config.get("modules_to_not_convert") or [])
-        or "embeddings, output head and tied weights (always)",
+        or _kept_by_default(quant_config.get("head_bits")),
         format_version=quant_config.get("format_version", 1),
         total_size=_size(report.get("total_bytes", 0)),
         compressed_size=_size(compressed_bytes),
@@ -157,6 +157,13 @@ def _valid_repo_id_or_none(value: Optional[str], field_name: str) -> Optional[st
         logger.warning(f"sqlora: {field_name}={value!r} is not a Hub repo id; it is left out of the card metadata")
         return None
     return value
+
+
+def _kept_by_default(head_bits) -> str:
+    if head_bits:
+        return (f"an untied input embedding (the output head is packed as int{head_bits} rows, `head_bits={head_bits}`, "
+                "and a tied embedding reads its rows from it)")
+    return "embeddings, output head and tied weights"
 
 
 def _calibration_text(quant_config: Mapping[str, Any]) -> str:
