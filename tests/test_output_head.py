@@ -32,6 +32,10 @@ def test_tied_head_is_packed_once_and_the_embedding_reads_its_rows(tiny_model_di
     # The embedding is exactly the packed head's rows.
     rows = packed.model.embed_tokens(ids)
     torch.testing.assert_close(rows, packed.lm_head.dequantize()[ids], rtol=0, atol=0)
+    # no dense weight: a clear AttributeError (hasattr stays False), also for resize_token_embeddings
+    assert not hasattr(packed.model.embed_tokens, "weight")
+    with pytest.raises(AttributeError, match="no dense weight.*resize it before compressing"):
+        packed.resize_token_embeddings(300)
     # Int8 rows barely move the logits of the otherwise identical compressed model.
     with torch.no_grad():
         a, b = plain(ids).logits, packed(ids).logits

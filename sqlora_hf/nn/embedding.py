@@ -35,11 +35,15 @@ class PackedEmbedding(nn.Module):
     def head(self) -> SQLoRALinear:
         return self.__dict__["_head"]
 
-    @property
-    def weight(self) -> torch.Tensor:
-        raise AttributeError(
-            "PackedEmbedding has no dense weight: its rows are the packed output head's "
-            "(SQLoRAConfig(head_bits=...)); use .dequantize() for a dense copy")
+    def __getattr__(self, name: str):
+        # Not a property: an AttributeError raised inside a property is replaced by nn.Module's generic
+        # "has no attribute" message. Still an AttributeError, so hasattr(emb, "weight") stays False.
+        if name == "weight":
+            raise AttributeError(
+                "PackedEmbedding has no dense weight: its rows are the packed output head's "
+                "(SQLoRAConfig(head_bits=...)); use .dequantize() for a dense copy. Resizing the vocabulary "
+                "(resize_token_embeddings) needs the uncompressed model: resize it before compressing")
+        return super().__getattr__(name)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return self.head.dequantize(dtype or self.output_dtype)
