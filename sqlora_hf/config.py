@@ -235,16 +235,22 @@ class SQLoRAConfig(QuantizationConfigMixin):
             raise _bad("rank_keep", k, "None or a fraction in (0, 1]")
 
     def get_loading_attributes(self) -> dict[str, Any]:
-        """Fields a user's config may change when reloading a saved model (elastic rank).
+        """Fields a user's config may change when reloading a saved model: the elastic rank (`rank_keep`,
+        `memory_budget`) and how the packed layers run (`backend`, `compute_dtype`).
 
         transformers keeps the checkpoint's config on reload; for configs listed in its
-        LOADING_ATTRIBUTES_CONFIG_TYPES it copies these attributes over from the user's one.
+        LOADING_ATTRIBUTES_CONFIG_TYPES it copies these attributes over from the user's one. Only fields
+        the user set are copied, so `SQLoRAConfig(rank_keep=0.5)` leaves the saved backend alone.
         """
         out: dict[str, Any] = {}
         if self.rank_keep is not None:
             out["rank_keep"] = self.rank_keep
         if self.memory_budget != DEFAULT_MEMORY_BUDGET:
             out["memory_budget"] = self.memory_budget
+        if self.backend != "auto":
+            out["backend"] = self.backend
+        if self.compute_dtype is not None:
+            out["compute_dtype"] = self.compute_dtype
         return out
 
     def _validate_calibration(self) -> None:

@@ -284,3 +284,13 @@ def test_a_config_that_compresses_nothing_is_an_error(tiny_model_dirs, cfg, need
     path, kind = tiny_model_dirs["llama"]
     with pytest.raises(ValueError, match=needle):
         _load(path, kind, quantization_config=SQLoRAConfig(**cfg))
+
+
+def test_reload_applies_a_passed_backend_and_compute_dtype(saved_quantized):
+    directory, kind = saved_quantized
+    again = _load(directory, kind, quantization_config=SQLoRAConfig(backend="reference", compute_dtype="bfloat16"))
+    layers = [m for m in again.modules() if isinstance(m, SQLoRALinear)]
+    assert layers and {m.backend for m in layers} == {"reference"}
+    assert {m.compute_dtype for m in layers} == {torch.bfloat16}
+    kept = _load(directory, kind, quantization_config=SQLoRAConfig(rank_keep=0.5))  # leaves them as saved
+    assert {m.backend for m in kept.modules() if isinstance(m, SQLoRALinear)} == {"auto"}
