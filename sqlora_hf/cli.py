@@ -85,6 +85,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if not source:
         raise CLIUsageError("MODEL is missing: a model directory, a .gguf file, or a Hub repo id")
     out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"OUT {out!r} is a file, not a directory")
     if os.path.exists(os.path.join(out, "config.json")) and not args.overwrite:
         raise CLIError(f"{out!r} already holds a model; pass --overwrite to replace it")
     if args.dtype not in ("auto", "float32", "float16", "bfloat16"):
@@ -283,6 +285,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.dir)
     if not hasattr(model, "generate") or not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
         raise CLIError(f"perplexity needs a causal language model; {args.dir!r} holds a {type(model).__name__}")
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if positions and args.context > positions:
+        raise CLIUsageError(f"--context {args.context} is longer than this model's {positions} positions; "
+                            f"pass --context {positions} or less")
     with open(args.text, encoding="utf-8") as f:
         text = f.read()
     ids = tokenizer(text, return_tensors="pt").input_ids[0]

@@ -128,6 +128,8 @@ def _bad_invocations(source: str, compressed: str, text: str, missing: str) -> l
         ["eval", compressed, "--text", text, "--max-windows", "0"],
         ["eval", source, "--text", text],
         ["eval", compressed, "--text", text, "--context", "100000"],
+        ["eval", compressed, "--text", text, "--context", "512"],  # more than the tiny model's 128 positions
+        ["compress", source, text],  # OUT is an existing file
         ["push"],
         ["push", compressed],
         ["push", compressed, "not a repo id"],
