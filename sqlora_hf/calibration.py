@@ -140,6 +140,10 @@ def prepare(data: Any, tokenizer: Any, samples: int, seq_len: int, text_column: 
         ids = _tokenize(texts, tokenizer, samples * seq_len)
     if ids.numel() == 0:
         raise _err("the calibration texts produce no tokens")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise _err(f"token ids must lie in [0, {vocab}) for this model's vocabulary; "
+                   f"these range from {int(ids.min())} to {int(ids.max())}")
     if ids.numel() < seq_len:
         windows = ids.view(1, -1)
     else:

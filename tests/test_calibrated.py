@@ -397,6 +397,14 @@ def test_texts_without_tokenizer_and_dataset_without_text_column(tiny_model_dirs
         SQLoRAConfig(calibration=ds)  # at config time, in one line, before any weight is read
 
 
+def test_token_ids_outside_the_vocabulary_are_refused_by_name(tiny_model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"][0])  # vocabulary of 256
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 256\).*from 300 to 399"):
+        sqlora_hf.compress(model, SQLoRAConfig(), torch.arange(300, 400))
+
+
 def test_self_generated_calibration_needs_no_data_and_is_reproducible(tiny_model_dirs, tmp_path):
     """calibration="self": the text is sampled from the model (no tokenizer beside this one), the same
     each time, without touching the caller's RNG, and recorded as such in config.json."""
