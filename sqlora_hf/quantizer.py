@@ -217,6 +217,15 @@ class SQLoRAHfQuantizer(HfQuantizer):
             self.converted = replace_linears(model, self.quantization_config, skip)
             if not self.converted and self.quantization_config.head_bits is None:
                 raise ValueError(nothing_to_compress(model, self.quantization_config, skip))
+            rank = self.quantization_config.rank
+            if isinstance(rank, int) and rank > 0:  # before minutes of loading, not after
+                layers = [(n, model.get_submodule(n)) for n in self.converted]
+                too_small = [(n, m) for n, m in layers if min(m.in_features, m.out_features) < rank]
+                if too_small:
+                    n, m = too_small[0]
+                    raise ValueError(f"SQLoRAConfig.rank={rank} is larger than {len(too_small)} layer(s) allow; first: "
+                                     f"{n} ({m.out_features} x {m.in_features}) allows at most "
+                                     f"{min(m.in_features, m.out_features)}. Use a smaller rank or rank='auto'")
             for name in self.converted:
                 model.get_submodule(name).add_weight_slot(_meta_dtype(model))
             if self.quantization_config.memory_budget is not None:
@@ -264,10 +273,9 @@ class SQLoRAHfQuantizer(HfQuantizer):
             self._progress.close()
             self._progress = None
         if self.errors:
-            first = next(iter(self.errors.items()))
-            raise ValueError(
-                f"sqlora could not compress {len(self.errors)} layer(s); first: {first[0]}: {first[1]}"
-            )
+            name, why = next(iter(self.errors.items()))
+            why = why if why.startswith(name) else f"{name}: {why}"  # most messages already name the layer
+            raise ValueError(f"sqlora could not compress {len(self.errors)} layer(s); first: {why}")
         for name in self.converted:
             module = model.get_submodule(name)
             if self.pre_quantized:

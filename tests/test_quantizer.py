@@ -294,3 +294,10 @@ def test_reload_applies_a_passed_backend_and_compute_dtype(saved_quantized):
     assert {m.compute_dtype for m in layers} == {torch.bfloat16}
     kept = _load(directory, kind, quantization_config=SQLoRAConfig(rank_keep=0.5))  # leaves them as saved
     assert {m.backend for m in kept.modules() if isinstance(m, SQLoRALinear)} == {"auto"}
+
+
+def test_a_rank_larger_than_a_layer_is_refused_before_loading(tiny_model_dirs):
+    path, kind = tiny_model_dirs["llama"]
+    with pytest.raises(ValueError, match=r"SQLoRAConfig\.rank=1000 is larger than \d+ layer\(s\) allow; first: "
+                                         r"model\.layers\.0\.self_attn\.q_proj \(128 x 128\) allows at most 128"):
+        _load(path, kind, quantization_config=SQLoRAConfig(rank=1000))
