@@ -301,8 +301,11 @@ def test_merge_with_rank_truncation(compressed_dirs):
     assert _rel(_logits(merged, ids), unmerged) < 0.05  # lossy by choice, but close
     full = sqlora_hf.merge_and_unload(copy.deepcopy(peft_model), rank=12)  # = combined rank: exact again
     _assert_merge_close(_logits(full, ids), unmerged, base)
-    with pytest.raises(ValueError, match="merge rank"):
+    with pytest.raises(ValueError, match=r"rank=129.*int in \[1, 128\].*nothing was merged"):
         sqlora_hf.merge_and_unload(peft_model, rank=129)
+    # refused before any layer was merged: the PEFT model is intact and still usable
+    assert not any(getattr(m, "merged", False) for m in peft_model.modules())
+    torch.testing.assert_close(_logits(peft_model, ids), unmerged, rtol=0, atol=0)
 
 
 # ---- adapter files -------------------------------------------------------------------------------------

@@ -107,9 +107,17 @@ def merge_and_unload(peft_model: "PeftModel", rank: Union[None, int, str] = None
     """
     from .layer import SQLoRALoraLinear
 
-    for module in peft_model.modules():
-        if isinstance(module, SQLoRALoraLinear):
-            module.merge_rank = rank
+    layers = [m for m in peft_model.modules() if isinstance(m, SQLoRALoraLinear)]
+    if rank is not None and rank != "keep":  # checked for every layer first: a refusal must merge nothing
+        for module in layers:
+            base = module.get_base_layer()
+            limit = min(base.in_features, base.out_features)
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= limit:
+                raise ValueError(f"merge_and_unload(rank={rank!r}): rank must be None (grow), 'keep' or an int in "
+                                 f"[1, {limit}] for {module._layer_name()} ({base.out_features} x {base.in_features}); "
+                                 "nothing was merged")
+    for module in layers:
+        module.merge_rank = rank
     return peft_model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
 
 
