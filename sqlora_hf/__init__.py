@@ -41,8 +41,21 @@ def compress(model, config: SQLoRAConfig, calibration_data=None, tokenizer=None)
     `calibration_data` overrides `config.calibration`; texts need `tokenizer`. The model is changed
     in place and returned; `save_pretrained` then writes an ordinary sqlora checkpoint.
     """
+    import copy
+
+    from .quantizer import SQLoRAHfQuantizer, refuse_calibration_record
     from .sequential import compress_model
 
-    if calibration_data is None and not config.needs_calibration_run:
-        raise ValueError("sqlora_hf.compress needs calibration data: pass calibration_data=... or SQLoRAConfig(calibration=...)")
-    return compress_model(model, config, calibration_data, tokenizer or config._tokenizer)
+    if calibration_data is None:
+        refuse_calibration_record(config.calibration)
+        if not config.needs_calibration_run:
+            raise ValueError("sqlora_hf.compress needs calibration data: pass calibration_data=... or "
+                             "SQLoRAConfig(calibration=...)")
+    config = copy.copy(config)  # the caller's config is left as built (its data is not replaced by a record)
+    config.validate()
+    compress_model(model, config, calibration_data, tokenizer or config._tokenizer)
+    # marked as a from_pretrained-quantized model is: model.dequantize() and transformers' checks work
+    model.hf_quantizer = SQLoRAHfQuantizer(model.config.quantization_config, pre_quantized=True)
+    model.is_quantized = True
+    model.config._is_quantized = True
+    return model

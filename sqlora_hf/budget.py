@@ -232,12 +232,12 @@ def output_sensitivity(model: nn.Module, input_ids: torch.Tensor, names: Sequenc
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
-    device = next(model.parameters()).device
+    first = next(model.parameters())
     try:
-        with torch.enable_grad(), forward_autocast(device):
+        with torch.enable_grad(), forward_autocast(first.device, first.dtype):
             for start in hf_logging.tqdm(range(0, input_ids.shape[0], chunk), desc="sqlora: weighing layers by the loss",
                                          unit="chunk"):
-                ids = input_ids[start:start + chunk].to(device)
+                ids = input_ids[start:start + chunk].to(first.device)
                 model(ids, labels=ids, use_cache=False).loss.backward()
                 shared.clear()
                 last[:] = [None, None]
@@ -267,7 +267,8 @@ def hessians_fit(blocks: nn.ModuleList, share: float = 0.125) -> bool:
 
 
 def plan_calibrated_budget(model: nn.Module, config: SQLoRAConfig, input_ids: torch.Tensor, base, skip: list[str],
-                           prefix: str, blocks: nn.ModuleList) -> dict:
+                           prefix: str, blocks: nn.ModuleList,
+                           per_block: Optional[list[tuple[str, dict[str, nn.Module]]]] = None) -> dict:
     """{full module name: CalibratedSpec} so that the compressed model fits `config.memory_budget`.
 
     For a causal LM: one forward + backward pass of the uncompressed model over the first
@@ -290,7 +291,8 @@ def plan_calibrated_budget(model: nn.Module, config: SQLoRAConfig, input_ids: to
     names: list[str] = []
     fronts = []
     n_weights = 0
-    per_block = [(f"{prefix}.{i}", _eligible(block, f"{prefix}.{i}", skip, config)) for i, block in enumerate(blocks)]
+    if per_block is None:
+        per_block = [(f"{prefix}.{i}", _eligible(block, f"{prefix}.{i}", skip, config)) for i, block in enumerate(blocks)]
 
     cache = HessianCache()  # q/k/v (and gate/up) share one Hessian object, so one inverse
 

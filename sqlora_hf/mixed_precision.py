@@ -43,9 +43,12 @@ def _bf16_worth_it(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get(ENV, "1") != "0" and cpu_has_native_bf16()
 
 
-def forward_autocast(device: torch.device) -> ContextManager:
-    """Autocast to bfloat16 for a calibration forward (and backward) pass on `device`, when worth it."""
-    if _bf16_worth_it(device):
+def forward_autocast(device: torch.device, dtype: torch.dtype = torch.float32) -> ContextManager:
+    """Autocast to bfloat16 for a calibration forward (and backward) pass on `device`, when worth it.
+
+    Only for float32 models: a bfloat16 model already runs in bf16, and a float16 one would mix dtypes
+    (CPU autocast feeds bf16 activations to its fp16 LayerNorm parameters, which LayerNorm refuses)."""
+    if dtype == torch.float32 and _bf16_worth_it(device):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

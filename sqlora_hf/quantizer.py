@@ -10,6 +10,7 @@ Two paths:
 """
 from __future__ import annotations
 
+import copy
 import logging as _pylogging
 import os
 from typing import Any, Optional
@@ -84,6 +85,29 @@ def replace_linears(model: nn.Module, config: SQLoRAConfig, skip: list[str],
         model.set_submodule(name, new)
         swapped.append(name)
     return swapped
+
+
+def check_rank_fits(rank: Any, layers: list[tuple[str, nn.Module]]) -> None:
+    """A fixed rank larger than min(out, in) of a layer is refused before minutes of loading or sampling."""
+    if not (isinstance(rank, int) and rank > 0):
+        return
+    shapes = [(n, *((m.weight.shape[1], m.weight.shape[0]) if isinstance(m, Conv1D) else (m.out_features, m.in_features)))
+              for n, m in layers]
+    too_small = [(n, out_f, in_f) for n, out_f, in_f in shapes if min(out_f, in_f) < rank]
+    if too_small:
+        n, out_f, in_f = too_small[0]
+        raise ValueError(f"SQLoRAConfig.rank={rank} is larger than {len(too_small)} layer(s) allow; first: {n} "
+                         f"({out_f} x {in_f}) allows at most {min(out_f, in_f)}. Use a smaller rank or rank='auto'")
+
+
+def refuse_calibration_record(calibration: Any) -> None:
+    """A config read back from a saved model keeps only the record of its calibration data. Compressing a
+    float model with it would silently be data-free while config.json went on claiming the calibration."""
+    if isinstance(calibration, dict):
+        raise ValueError(
+            f"SQLoRAConfig.calibration holds only the record of a past calibration ({calibration.get('source', '?')}, "
+            f"sha256 {str(calibration.get('sha256', ''))[:12]}...), not the data: pass the data again (or 'self') "
+            "to recompress, or calibration=None to compress data-free")
 
 
 def nothing_to_compress(model: nn.Module, config: SQLoRAConfig, skip: list[str]) -> str:
@@ -178,6 +202,9 @@ class SQLoRAHfQuantizer(HfQuantizer):
     requires_calibration = False
 
     def __init__(self, quantization_config: SQLoRAConfig, **kwargs: Any) -> None:
+        # A copy: compression writes to its config (the calibration data becomes its record, rank_keep is
+        # spent), and the caller's object must stay what they built, ready for the next from_pretrained.
+        quantization_config = copy.copy(quantization_config)
         super().__init__(quantization_config, **kwargs)
         quantization_config.validate()  # a config edited after it was built (config.bits = 5) is checked too
         self.spec = compression_spec(quantization_config)
@@ -201,6 +228,7 @@ class SQLoRAHfQuantizer(HfQuantizer):
         self.modules_to_not_convert = skip
         if not self.pre_quantized:
             self.quantization_config.check_writable()
+            refuse_calibration_record(self.quantization_config.calibration)
         if not self.pre_quantized and self.quantization_config.needs_calibration_run:
             # Calibrated compression needs whole blocks and their activations: load the fp model as
             # is and compress it block by block once loaded (_process_model_after_weight_loading).
@@ -217,15 +245,7 @@ class SQLoRAHfQuantizer(HfQuantizer):
             self.converted = replace_linears(model, self.quantization_config, skip)
             if not self.converted and self.quantization_config.head_bits is None:
                 raise ValueError(nothing_to_compress(model, self.quantization_config, skip))
-            rank = self.quantization_config.rank
-            if isinstance(rank, int) and rank > 0:  # before minutes of loading, not after
-                layers = [(n, model.get_submodule(n)) for n in self.converted]
-                too_small = [(n, m) for n, m in layers if min(m.in_features, m.out_features) < rank]
-                if too_small:
-                    n, m = too_small[0]
-                    raise ValueError(f"SQLoRAConfig.rank={rank} is larger than {len(too_small)} layer(s) allow; first: "
-                                     f"{n} ({m.out_features} x {m.in_features}) allows at most "
-                                     f"{min(m.in_features, m.out_features)}. Use a smaller rank or rank='auto'")
+            check_rank_fits(self.quantization_config.rank, [(n, model.get_submodule(n)) for n in self.converted])
             for name in self.converted:
                 model.get_submodule(name).add_weight_slot(_meta_dtype(model))
             if self.quantization_config.memory_budget is not None:

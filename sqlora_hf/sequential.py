@@ -95,7 +95,7 @@ def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple
     outputs = []
     for args, kwargs in inputs:
         hidden_in = args[0] if args else kwargs["hidden_states"]
-        with forward_autocast(hidden_in.device):
+        with forward_autocast(hidden_in.device, hidden_in.dtype):
             out = block(*args, **kwargs)
         hidden = out[0] if isinstance(out, (tuple, list)) else out
         outputs.append(((hidden,) + tuple(args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden}))
@@ -395,7 +395,7 @@ def compress_model(model: nn.Module, config: Any, calibration_data: Any = None, 
 
 def _compress_model(model: nn.Module, config: Any, calibration_data: Any, tokenizer: Any, batch_size: int,
                     one_pass: Optional[bool]) -> nn.Module:
-    from .quantizer import modules_to_skip
+    from .quantizer import check_rank_fits, modules_to_skip, nothing_to_compress
 
     config.check_writable()
     data = calibration_data if calibration_data is not None else config.calibration
@@ -403,13 +403,18 @@ def _compress_model(model: nn.Module, config: Any, calibration_data: Any, tokeni
     if is_self(data) and not can_generate_text(model):  # an encoder's walks have their own default shape
         samples = samples if getattr(config, "_calibration_samples_given", True) else WALK_SAMPLES
         seq_len = seq_len if getattr(config, "_calibration_seq_len_given", True) else WALK_SEQ_LEN
+    skip = modules_to_skip(model, config)
+    prefix, blocks = find_blocks(model)
+    # what each block compresses, decided once (and its warnings given once), before minutes of sampling
+    per_block = [(f"{prefix}.{i}", _eligible(block, f"{prefix}.{i}", skip, config)) for i, block in enumerate(blocks)]
+    if config.head_bits is None and not any(targets for _, targets in per_block):
+        raise ValueError(nothing_to_compress(model, config, skip))
+    check_rank_fits(config.rank, [(f"{name}.{n}", m) for name, targets in per_block for n, m in targets.items()])
     batch = prepare(data, tokenizer, samples, seq_len, model=model)
     base = CalibratedSpec(bits=config.bits, group_size=config.group_size, sparsity=config.sparsity, rank=config.rank,
                           method=config.calibration_method, sparsity_criterion=config.sparsity_criterion,
                           scale_search=config.uses_scale_search(calibrated=True),
                           refine_passes=config.resolved_refine_passes())
-    skip = modules_to_skip(model, config)
-    prefix, blocks = find_blocks(model)
     was_training = model.training
     model.eval()
     specs: dict[str, CalibratedSpec] = {}
@@ -418,11 +423,9 @@ def _compress_model(model: nn.Module, config: Any, calibration_data: Any, tokeni
         from .compression.planner import parse_budget
 
         if parse_budget(config.memory_budget).auto:
-            per_block = [(f"{prefix}.{i}", _eligible(block, f"{prefix}.{i}", skip, config))
-                         for i, block in enumerate(blocks)]
             specs = plan_calibrated_auto(config, base, per_block)
         else:
-            specs = plan_calibrated_budget(model, config, batch.input_ids, base, skip, prefix, blocks)
+            specs = plan_calibrated_budget(model, config, batch.input_ids, base, skip, prefix, blocks, per_block)
 
     def spec_for(full_name: str) -> CalibratedSpec:
         return specs.get(full_name, base)
@@ -438,29 +441,33 @@ def _compress_model(model: nn.Module, config: Any, calibration_data: Any, tokeni
         logger.warning("sqlora: asymmetric_calibration needs the one-pass mode (this model's activations "
                        "do not fit in memory for it); compressing without it")
         float_samples = 0
-    compress_block = _compress_block_one_pass if one_pass else _compress_block_two_pass
-    with torch.no_grad():
-        inputs = _capture_inputs(model, blocks[0], ids, ids.shape[0] if one_pass else batch_size)
-        # asymmetric calibration: the float model's stream over the first samples, from the same embeddings
-        float_inputs = None
-        if float_samples:
-            float_inputs = _capture_inputs(model, blocks[0], ids[:float_samples],
-                                           float_samples if one_pass else batch_size)
-        siblings: Groups = []
-        for index in hf_logging.tqdm(range(len(blocks)), desc="sqlora: calibrated compression", unit="block"):
-            block = blocks[index]
-            block_name = f"{prefix}.{index}"
-            targets = _eligible(block, block_name, skip, config)
-            done, outputs, siblings, float_inputs = compress_block(
-                block, block_name, inputs, targets, lambda name: spec_for(f"{block_name}.{name}"), siblings,
-                float_inputs)
-            for name, mod in targets.items():
-                if name not in done:
-                    logger.warning(f"sqlora: {block_name}.{name} never ran on the calibration data; left uncompressed")
-                    continue
-                packed, rel = done[name]
-                _swap_in(block, name, mod, packed, rel, config)
-            inputs = outputs if outputs is not None else _run_block(block, inputs)
+    try:
+        compress_block = _compress_block_one_pass if one_pass else _compress_block_two_pass
+        with torch.no_grad():
+            inputs = _capture_inputs(model, blocks[0], ids, ids.shape[0] if one_pass else batch_size)
+            # asymmetric calibration: the float model's stream over the first samples, from the same embeddings
+            float_inputs = None
+            if float_samples:
+                float_inputs = _capture_inputs(model, blocks[0], ids[:float_samples],
+                                               float_samples if one_pass else batch_size)
+            siblings: Groups = []
+            for index in hf_logging.tqdm(range(len(blocks)), desc="sqlora: calibrated compression", unit="block"):
+                block = blocks[index]
+                block_name, targets = per_block[index]
+                done, outputs, siblings, float_inputs = compress_block(
+                    block, block_name, inputs, targets, lambda name: spec_for(f"{block_name}.{name}"), siblings,
+                    float_inputs)
+                for name, mod in targets.items():
+                    if name not in done:
+                        logger.warning(f"sqlora: {block_name}.{name} never ran on the calibration data; left uncompressed")
+                        continue
+                    packed, rel = done[name]
+                    _swap_in(block, name, mod, packed, rel, config)
+                inputs = outputs if outputs is not None else _run_block(block, inputs)
+    except Exception as err:
+        err.add_note("sqlora: the model was being compressed in place; the layers before the error are already "
+                     "changed, so reload it before trying again")
+        raise
     compress_output_head(model, config)
     model.train(was_training)
     config.calibration = batch.record  # the texts are not kept, only what identifies them

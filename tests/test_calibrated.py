@@ -929,3 +929,64 @@ def test_inverse_cholesky_factor_matches_the_factor_of_the_inverse():
     singular = x[:10].T @ x[:10]  # rank 10 of 97: needs the damping loop
     u = _inverse_cholesky_upper(singular)
     assert bool(torch.isfinite(u).all()) and bool((torch.diagonal(u) > 0).all())
+
+
+def test_a_config_is_not_changed_by_compressing_and_a_saved_record_is_not_data(tiny_model_dirs):
+    """The caller's config keeps its data (it used to be replaced by the record, and a second from_pretrained
+    with it then ran data-free while config.json claimed the calibration); a record read back from a saved
+    model is refused as calibration data."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_dirs["llama"][0]
+    calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    config = SQLoRAConfig(bits=3, rank=0, calibration=calib, calibration_samples=4, calibration_seq_len=16)
+    first = sqlora_hf.compress(AutoModelForCausalLM.from_pretrained(path), config)
+    assert config.calibration is calib and first.config.quantization_config is not config
+    second = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
+    assert config.calibration is calib
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    record = SQLoRAConfig.from_dict(first.config.quantization_config.to_dict())
+    assert record.calibration["source"] == "token-ids"
+    with pytest.raises(ValueError, match="only the record of a past calibration .*pass the data again"):
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=record)
+    with pytest.raises(ValueError, match="only the record of a past calibration"):
+        sqlora_hf.compress(AutoModelForCausalLM.from_pretrained(path), record)
+
+
+def test_compress_marks_the_model_quantized_and_refuses_impossible_configs_before_sampling(tiny_model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_dirs["llama"][0]
+    calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    kw = dict(rank=0, calibration_samples=4, calibration_seq_len=16)
+    model = sqlora_hf.compress(AutoModelForCausalLM.from_pretrained(path), SQLoRAConfig(**kw), calib)
+    assert model.is_quantized and model.hf_quantizer is not None
+    ids = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        ref = model(ids).logits
+        dense = model.dequantize()
+        assert not any(isinstance(m, SQLoRALinear) for m in dense.modules())
+        torch.testing.assert_close(dense(ids).logits, ref, rtol=1e-4, atol=1e-4)
+    fresh = AutoModelForCausalLM.from_pretrained(path)
+    with pytest.raises(ValueError, match="found no layer to compress"):
+        sqlora_hf.compress(fresh, SQLoRAConfig(**{**kw, "group_size": 256}, modules_to_not_convert=["down_proj"]), calib)
+    with pytest.raises(ValueError, match=r"SQLoRAConfig\.rank=1000 is larger"):
+        sqlora_hf.compress(fresh, SQLoRAConfig(**{**kw, "rank": 1000}), "self")  # refused before any sampling
+    assert not any(isinstance(m, SQLoRALinear) for m in fresh.modules())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_float16_models_with_layernorm_calibrate(tiny_model_dirs, arch):
+    """The bf16 autocast of the block passes is for fp32 models: an fp16 LayerNorm refused its bf16 input."""
+    from .conftest import auto_class
+
+    path, kind = tiny_model_dirs[arch]
+    calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    model = auto_class(kind).from_pretrained(path, dtype=torch.float16, quantization_config=SQLoRAConfig(
+        rank=0, calibration=calib, calibration_samples=4, calibration_seq_len=16))
+    assert any(isinstance(m, SQLoRALinear) for m in model.modules())
+    with torch.no_grad():
+        out = model(torch.randint(0, 256, (1, 10)))
+    hidden = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    assert hidden.dtype == torch.float16 and torch.isfinite(hidden).all()
