@@ -26,6 +26,14 @@ def fixed_bytes(model: nn.Module, converted: Sequence[str]) -> int:
     the meta model: embeddings, norms, biases, the head; the fp weight slots of converted layers
     are excluded."""
     slots = {id(model.get_submodule(name)._parameters.get("weight")) for name in converted}
+    # A head tied to the input embedding is stored once, but on the meta model the tie may not be made yet
+    # (GPT-2): count the embedding only.
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings"):
+        head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+        if head is not None and emb is not None and getattr(head, "weight", None) is not None \
+                and head.weight is not emb.weight and head.weight.shape == emb.weight.shape:
+            slots.add(id(head.weight))
     seen: set[int] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
