@@ -351,6 +351,68 @@ def test_custom_op_traces_on_meta_and_compiles():
         torch.testing.assert_close(compiled(x), run(module, x, "reference"), rtol=1e-4, atol=1e-4)
 
 
+def test_the_kernel_cache_follows_every_change_of_the_packed_tensors():
+    """In-place ops, `.data =` swaps (new storage: a stale descriptor would read freed memory) and layers built
+    under inference mode (no version counter); `clear_kernel_cache` after a write that bypasses the counter."""
+    module = make_layer(24, 192, 4, 64, None, rank=2, bias=True)
+    x = torch.randn(3, 192)
+    run(module, x, "cpu")
+    module.qscales.mul_(2)
+    assert_close_rel(run(module, x, "cpu"), run(module, x, "reference"))
+    module.qcodes.data = torch.flip(module.qcodes, dims=[1]).contiguous()
+    module.lowrank_l.data = (module.lowrank_l * 3).contiguous()
+    assert_close_rel(run(module, x, "cpu"), run(module, x, "reference"))
+    module.qscales.data.mul_(0.5)  # not counted by autograd: invisible until the cache is cleared
+    module.clear_kernel_cache()
+    assert_close_rel(run(module, x, "cpu"), run(module, x, "reference"))
+    with torch.inference_mode():
+        frozen = make_layer(24, 192, 4, 64, None, rank=2, bias=True)
+        inside = run(frozen, x, "cpu")
+    assert_close_rel(inside, run(frozen, x, "reference"))
+    assert_close_rel(run(frozen, x, "cpu"), run(frozen, x, "reference"))
+
+
+def test_threads_calling_one_changing_layer():
+    """The cache entry is built aside and published whole: no thread sees a half-built one."""
+    import threading
+
+    module = make_layer(24, 192, 4, 64, None, rank=2, bias=True)
+    module.backend = "cpu"
+    x = torch.randn(2, 192)
+    errors = []
+
+    def call():
+        try:
+            for _ in range(20):
+                with torch.no_grad():
+                    module(x)
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    for _ in range(5):
+        module.qscales.mul_(1.0)  # a new version: every thread's next call rebuilds the entry
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+
+
+def test_compiled_calls_read_the_buffers_as_they_are():
+    """Under torch.compile the fp32 conversions are traced, not a cached copy baked into the graph."""
+    module = make_layer(24, 192, 4, 64, None, rank=2, bias=True)
+    module.backend = "cpu"
+    compiled = torch.compile(lambda t: module(t) + 1, backend="inductor")
+    x = torch.randn(3, 192)
+    with torch.no_grad():
+        compiled(x)
+        module.qscales.mul_(2)
+        module.lowrank_l.mul_(3)
+        got = compiled(x)
+    assert_close_rel(got, run(module, x, "reference") + 1)
+
+
 def test_auto_picks_cpu_backend():
     module = make_layer(8, 64, 4, 64, None, rank=0, bias=False)
     assert kernels.resolve("auto", module, torch.randn(1, 64)).name in ("cpu", "triton", "cuda")

@@ -174,6 +174,12 @@ class SQLoRALinear(nn.Module):
         """Per-backend scratch space (repacked weights); cleared when the packed tensors change."""
         return self._kernel_cache.setdefault(key, {})
 
+    def clear_kernel_cache(self) -> None:
+        """Forget every backend's prepared copy of the packed tensors. Needed only after a write that
+        bypasses autograd's version counter (`layer.qscales.data.mul_(2)`, a NumPy view): ordinary in-place
+        ops, `.data =` swaps and replaced buffers are noticed by themselves."""
+        self._kernel_cache.clear()
+
     def _apply(self, fn, recurse: bool = True):
         # `.to(dtype)`, `.half()` etc. would round the float16 scales and factors through another
         # dtype; keep the originals and only follow the device change.

@@ -19,41 +19,63 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def _stamp(t) -> tuple:
+    """What tells a changed tensor from the one a cache entry was built from: its in-place version counter
+    and its storage (a `.data = other` swap keeps the object but not the storage, and a cached descriptor
+    holding the old storage's address must not outlive it). Inference-mode tensors have no version counter;
+    they cannot be written in place outside inference mode."""
+    if t is None:
+        return (-1, 0)
+    return (0 if t.is_inference() else t._version, t.data_ptr())
+
+
 def _sources(module) -> tuple:
-    """The tensors the prepared arguments derive from, with their in-place version counters."""
+    """The tensors the prepared arguments derive from, with their stamps."""
     b = module._buffers
     src = (b.get("qmeta"), b.get("qcodes"), b.get("qscales"), b.get("qmask"), b.get("lowrank_l"),
            b.get("lowrank_r"), module._parameters.get("bias"))
-    return src, tuple(-1 if t is None else t._version for t in src)
+    return src, tuple(map(_stamp, src))
+
+
+def _arguments(module) -> dict:
+    """The kernel's arguments from the module's current tensors: fp16 scales and factors (and a non-fp32
+    bias) widened to fp32, shapes and dtypes checked against qmeta."""
+    p = module.packed()
+    p.validate("layer", check_values=False)  # shapes and dtypes against qmeta: no short buffers
+    bias = module._parameters.get("bias")
+    return {
+        "codes": p.qcodes.contiguous(),
+        "scales": p.qscales.to(torch.float32).contiguous(),
+        "mask": None if p.qmask is None else p.qmask.contiguous(),
+        "lut": nf_table(p.bits, codebook=p.codebook) if p.bits != 8 else torch.zeros(1),
+        "L": None if p.rank == 0 else p.lowrank_l.to(torch.float32).contiguous(),
+        "R": None if p.rank == 0 else p.lowrank_r.to(torch.float32).contiguous(),
+        "meta": (p.out_features, p.bits, p.group_size, _SPARSITY_CODE[p.sparsity]),
+        "bias": None if bias is None else bias.detach().to(torch.float32).contiguous(),
+        "k": p.in_features,
+    }
 
 
 def prepared(module) -> dict:
     """The fp32 tensors the kernel reads, validated and described once per module (kernel cache).
 
-    Rebuilt when a packed buffer or the bias was replaced or modified in place since (identity and
-    version counter), so a call after validation costs a few attribute reads, not a re-check.
+    Rebuilt when a packed buffer or the bias was replaced, modified in place or given new storage since
+    (identity and `_stamp`), so a call after validation costs a few attribute reads, not a re-check.
+    A write that bypasses the version counter (through `.data` or a NumPy view) is not seen: call
+    `module.clear_kernel_cache()` after one. The entry is built aside and published with one dict store, so
+    a thread calling the same module meanwhile sees the old entry or the new one, never a half-built one.
     """
-    cache = module.kernel_cache("cpu")
-    src, versions = _sources(module)
-    if cache and cache["versions"] == versions and all(map(operator.is_, cache["src"], src)):
+    cache = module._kernel_cache.get("cpu")
+    src, stamps = _sources(module)
+    if cache and cache["stamps"] == stamps and all(map(operator.is_, cache["src"], src)):
         return cache
-    cache.clear()
-    p = module.packed()
-    p.validate("layer", check_values=False)  # shapes and dtypes against qmeta: no short buffers
-    cache["codes"] = p.qcodes.contiguous()
-    cache["scales"] = p.qscales.to(torch.float32).contiguous()
-    cache["mask"] = None if p.qmask is None else p.qmask.contiguous()
-    cache["lut"] = nf_table(p.bits, codebook=p.codebook) if p.bits != 8 else torch.zeros(1)
-    cache["L"] = None if p.rank == 0 else p.lowrank_l.to(torch.float32).contiguous()
-    cache["R"] = None if p.rank == 0 else p.lowrank_r.to(torch.float32).contiguous()
-    cache["meta"] = (p.out_features, p.bits, p.group_size, _SPARSITY_CODE[p.sparsity])
-    bias = src[-1]
-    cache["bias"] = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    n, bits, group, sparsity = cache["meta"]
-    cache["described"] = ops.describe(cache["codes"], cache["scales"], cache["mask"], cache["lut"], cache["L"],
-                                      cache["R"], cache["bias"], n, p.in_features, bits, group, sparsity)
-    cache["src"], cache["versions"] = src, versions
-    return cache
+    new = _arguments(module)
+    n, bits, group, sparsity = new["meta"]
+    new["described"] = ops.describe(new["codes"], new["scales"], new["mask"], new["lut"], new["L"], new["R"],
+                                    new["bias"], n, new["k"], bits, group, sparsity)
+    new["src"], new["stamps"] = src, stamps
+    module._kernel_cache["cpu"] = new
+    return new
 
 
 def _fast_forward(module, x: torch.Tensor):
@@ -78,7 +100,7 @@ def _fast_forward(module, x: torch.Tensor):
     if (b.get("qcodes") is not src[1] or b.get("qscales") is not src[2] or b.get("qmask") is not src[3]
             or b.get("lowrank_l") is not src[4] or b.get("lowrank_r") is not src[5] or b.get("qmeta") is not src[0]
             or module._parameters.get("bias") is not src[6]
-            or tuple(-1 if t is None else t._version for t in src) != c["versions"]
+            or tuple(map(_stamp, src)) != c["stamps"]
             or torch.compiler.is_compiling()):
         return None
     d = c["described"]
@@ -104,6 +126,14 @@ class CPUBackend:
         return ops.dequantize_rows(prepared(module)["described"], start, stop)
 
     def linear(self, module, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Traced: the fp32 conversions go into the graph, so a compiled call reads the buffers as they
+            # are at each call (a cached fp32 copy would be baked in and miss in-place changes).
+            a = _arguments(module)
+            n, bits, group, sparsity = a["meta"]
+            y = torch.ops.sqlora_cpu.linear(x.to(torch.float32).contiguous(), a["codes"], a["scales"], a["mask"],
+                                            a["lut"], a["L"], a["R"], a["bias"], n, bits, group, sparsity)
+            return y.to(x.dtype)
         c = prepared(module)
         if "backend_name" not in c:
             # This module runs on this backend: from now on its plain inference calls may skip the
@@ -112,7 +142,7 @@ class CPUBackend:
             module._kernel_cache["forward"] = _fast_forward
             c["backend_name"] = module.backend
         x32 = x.to(torch.float32).contiguous()
-        if type(x32) is torch.Tensor and not torch.compiler.is_compiling():
+        if type(x32) is torch.Tensor:
             # Eager: straight to the C library with the layer described once (no dispatcher, no
             # per-buffer checks). Tracing, fake tensors and torch.compile go through the custom op.
             # bf16 inputs are exact in fp32, and tell the kernel it may use bf16 dot products.
