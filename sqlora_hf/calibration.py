@@ -88,6 +88,9 @@ def validate_calibration(data: Any) -> None:
         if data.dtype not in (torch.int64, torch.int32) or data.dim() not in (1, 2) or data.numel() == 0:
             raise _err(f"token ids must be a non-empty 1-D or 2-D integer tensor, got {data.dtype} {tuple(data.shape)}")
         return
+    if type(data).__name__ == "IterableDataset":
+        raise _err("an IterableDataset cannot be measured and cut into windows here: pass a Dataset, e.g. "
+                   "datasets.Dataset.from_list(list(iterable.take(2000)))")
     if _is_dataset(data):
         if "text" not in data.column_names:
             raise _err(f"the dataset has no 'text' column (columns: {list(data.column_names)})")
@@ -138,6 +141,11 @@ def prepare(data: Any, tokenizer: Any, samples: int, seq_len: int, text_column: 
         if tokenizer is None:
             raise _err("texts need a tokenizer: pass tokenizer=..., or save one beside the model being loaded")
         ids = _tokenize(texts, tokenizer, samples * seq_len)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if isinstance(unk, int) and ids.numel() and float((ids == unk).float().mean()) > 0.5:
+            raise _err(f"the tokenizer turns {float((ids == unk).float().mean()):.0%} of the calibration text into "
+                       f"its unknown token {getattr(tokenizer, 'unk_token', unk)!r}: it is probably not this model's "
+                       "(transformers builds an empty one when none was saved); pass tokenizer=...")
     if ids.numel() == 0:
         raise _err("the calibration texts produce no tokens")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)

@@ -27,7 +27,8 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging as hf_logging
 
 from .allocator import reuse_freed_memory
-from .calibration import WALK_SAMPLES, WALK_SEQ_LEN, can_generate_text, is_self, prepare
+from .calibration import (SELF_SAMPLES, SELF_SEQ_LEN, WALK_SAMPLES, WALK_SEQ_LEN, can_generate_text, is_self,
+                          prepare)
 from .compression.calibrated import CalibratedSpec, compress_shared_input, compress_with_hessian
 from .compression.gptq import HessianCache, float_targets, gram, ridge_factor
 from .formats.layer import PackedLayer, layout_problem
@@ -393,16 +394,29 @@ def compress_model(model: nn.Module, config: Any, calibration_data: Any = None, 
         return _compress_model(model, config, calibration_data, tokenizer, batch_size, one_pass)
 
 
+def window_shape(config: Any, data: Any, model: nn.Module) -> tuple[int, int]:
+    """Calibration windows (samples, tokens): what the user set, else the default for this data. A
+    `[samples, tokens]` id tensor is taken as the windows it already is; `"self"` samples 64 x 128 from a
+    causal LM and walks 2048 x 32 over an encoder's embeddings; anything else 128 x 512. Decided here, not
+    when the config was built, because `sqlora_hf.compress` may bring the data (or "self") itself."""
+    if is_self(data):
+        default = (SELF_SAMPLES, SELF_SEQ_LEN) if can_generate_text(model) else (WALK_SAMPLES, WALK_SEQ_LEN)
+    elif isinstance(data, torch.Tensor) and data.dim() == 2:
+        default = (int(data.shape[0]), int(data.shape[1]))
+    else:
+        default = (128, 512)
+    return (config.calibration_samples if getattr(config, "_calibration_samples_given", True) else default[0],
+            config.calibration_seq_len if getattr(config, "_calibration_seq_len_given", True) else default[1])
+
+
 def _compress_model(model: nn.Module, config: Any, calibration_data: Any, tokenizer: Any, batch_size: int,
                     one_pass: Optional[bool]) -> nn.Module:
     from .quantizer import check_rank_fits, modules_to_skip, nothing_to_compress
 
     config.check_writable()
     data = calibration_data if calibration_data is not None else config.calibration
-    samples, seq_len = config.calibration_samples, config.calibration_seq_len
-    if is_self(data) and not can_generate_text(model):  # an encoder's walks have their own default shape
-        samples = samples if getattr(config, "_calibration_samples_given", True) else WALK_SAMPLES
-        seq_len = seq_len if getattr(config, "_calibration_seq_len_given", True) else WALK_SEQ_LEN
+    samples, seq_len = window_shape(config, data, model)
+    config.calibration_samples, config.calibration_seq_len = samples, seq_len  # what config.json records
     skip = modules_to_skip(model, config)
     prefix, blocks = find_blocks(model)
     # what each block compresses, decided once (and its warnings given once), before minutes of sampling
@@ -468,11 +482,45 @@ def _compress_model(model: nn.Module, config: Any, calibration_data: Any, tokeni
         err.add_note("sqlora: the model was being compressed in place; the layers before the error are already "
                      "changed, so reload it before trying again")
         raise
+    _compress_outside_blocks(model, config, skip, prefix)
     compress_output_head(model, config)
     model.train(was_training)
     config.calibration = batch.record  # the texts are not kept, only what identifies them
     model.config.quantization_config = config
     return model
+
+
+def _compress_outside_blocks(model: nn.Module, config: Any, skip: list[str], prefix: str) -> None:
+    """Linears outside the repeated blocks (BERT's pooler and prediction transform, a classifier; the output
+    head is skipped unless `head_bits`) get no calibration inputs block by block: compressed data-free, as
+    `from_pretrained` without calibration would, rather than left in fp32."""
+    from .compression import compress_weight
+    from .quantizer import compression_spec
+
+    spec = compression_spec(config)
+    names = []
+    for name, mod in list(model.named_modules()):
+        if (not isinstance(mod, (nn.Linear, Conv1D)) or isinstance(mod, SQLoRALinear) or name.startswith(prefix + ".")
+                or not should_convert_module(name, skip)):
+            continue
+        weight = _dense_weight(mod)
+        problem = layout_problem(config.bits, config.group_size, config.sparsity, weight.shape[1])
+        if problem:
+            logger.warning(f"sqlora: leaving {name} uncompressed: {problem}")
+            continue
+        packed = compress_weight(weight.detach().float(), spec, name)
+        new = SQLoRALinear(weight.shape[1], weight.shape[0], bias=mod.bias is not None,
+                           compute_dtype=config.torch_compute_dtype, backend=config.backend,
+                           transposed_source=isinstance(mod, Conv1D))
+        if mod.bias is not None:
+            new.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
+        new.set_packed(packed)
+        new.to(weight.device)
+        model.set_submodule(name, new)
+        names.append(name)
+    if names:
+        logger.info(f"sqlora: {len(names)} Linear layer(s) outside the repeated blocks compressed data-free "
+                    f"(first: {names[0]})")
 
 
 def _swap_in(block: nn.Module, name: str, mod: nn.Module, packed: PackedLayer, rel: float, config: Any) -> None:

@@ -531,7 +531,7 @@ def test_self_calibration_of_an_encoder_walks_its_token_embeddings(tiny_model_di
     shutil.copytree(path, model_dir)
     _wordpiece_tokenizer(model_dir, content=[f"zq{a}{b}" for a in "abcdefghij" for b in "klmnopqrst"])
     model = AutoModel.from_pretrained(model_dir, quantization_config=SQLoRAConfig(calibration="self"))
-    assert sum(isinstance(m, SQLoRALinear) for m in model.modules()) == 12
+    assert sum(isinstance(m, SQLoRALinear) for m in model.modules()) == 13  # 12 in the blocks + the pooler
     record = model.config.quantization_config.calibration
     assert (record["source"], record["samples"], record["seq_len"]) == ("self-generated (embedding walks)", 2048, 32)
     given = AutoModel.from_pretrained(model_dir, quantization_config=SQLoRAConfig(
@@ -990,3 +990,37 @@ def test_float16_models_with_layernorm_calibrate(tiny_model_dirs, arch):
         out = model(torch.randint(0, 256, (1, 10)))
     hidden = out.logits if hasattr(out, "logits") else out.last_hidden_state
     assert hidden.dtype == torch.float16 and torch.isfinite(hidden).all()
+
+
+def test_window_shapes_outside_linears_and_refused_inputs(tiny_model_dirs, tmp_path):
+    """A [samples, tokens] id tensor is used as those windows; compress(..., "self") samples "self"'s default
+    shape; Linears outside the blocks (BERT's pooler) are compressed data-free, not left in fp32; an
+    IterableDataset and a tokenizer that turns the text into unknown tokens are refused by name."""
+    from transformers import AutoModel, AutoModelForCausalLM, BertTokenizer
+
+    from sqlora_hf.calibration import SELF_SAMPLES, SELF_SEQ_LEN
+
+    llama = tiny_model_dirs["llama"][0]
+    calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(0))
+    model = sqlora_hf.compress(AutoModelForCausalLM.from_pretrained(llama), SQLoRAConfig(rank=0), calib)
+    record = model.config.quantization_config.calibration
+    assert (record["samples"], record["seq_len"]) == (6, 24)
+    assert (model.config.quantization_config.calibration_samples, model.config.quantization_config.calibration_seq_len) == (6, 24)
+    model = sqlora_hf.compress(AutoModelForCausalLM.from_pretrained(llama), SQLoRAConfig(rank=0), "self")
+    record = model.config.quantization_config.calibration
+    assert (record["samples"], record["seq_len"]) == (SELF_SAMPLES, SELF_SEQ_LEN)
+
+    bert = AutoModel.from_pretrained(tiny_model_dirs["bert"][0], quantization_config=SQLoRAConfig(
+        rank=0, calibration=calib, calibration_samples=6, calibration_seq_len=24))
+    assert isinstance(bert.pooler.dense, SQLoRALinear)
+
+    datasets = pytest.importorskip("datasets")
+    iterable = datasets.Dataset.from_dict({"text": TEXTS}).to_iterable_dataset()
+    with pytest.raises(ValueError, match="IterableDataset cannot be measured.*pass a Dataset"):
+        SQLoRAConfig(calibration=iterable)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+    empty = BertTokenizer(str(vocab))
+    with pytest.raises(ValueError, match=r"turns 100% of the calibration text into its unknown token '\[UNK\]'"):
+        sqlora_hf.compress(AutoModelForCausalLM.from_pretrained(llama), SQLoRAConfig(calibration_seq_len=8), TEXTS,
+                           tokenizer=empty)
