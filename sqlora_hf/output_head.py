@@ -16,11 +16,14 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from .compression import CompressionSpec
 from .formats.layer import ALLOWED_GROUP_SIZES, layout_problem
 from .nn.embedding import PackedEmbedding
 from .nn.linear import SQLoRALinear
+
+logger = hf_logging.get_logger("sqlora_hf")
 
 
 def _name_of(model: nn.Module, target: Optional[nn.Module]) -> Optional[str]:
@@ -58,7 +61,11 @@ def compress_output_head(model: nn.Module, config: Any) -> Optional[str]:
         return None
     head_name, emb_name = head_and_embedding(model)
     head = model.get_submodule(head_name) if head_name else None
-    if head is None or isinstance(head, SQLoRALinear):
+    if head is None:
+        logger.warning(f"sqlora: head_bits={config.head_bits} does nothing for this {type(model).__name__}: it has "
+                       "no output head")
+        return None
+    if isinstance(head, SQLoRALinear):
         return None
     if not isinstance(head, nn.Linear):
         raise ValueError(f"SQLoRAConfig.head_bits={config.head_bits}: the output head {head_name} is a "

@@ -58,6 +58,10 @@ class _Stop(Exception):
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The repeated transformer blocks: the largest ModuleList whose items hold Linear layers."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(f"calibrated compression does not support encoder-decoder models ({type(model).__name__}): "
+                         "their two stacks of blocks need two streams of inputs; compress it data-free "
+                         "(calibration=None)")
     best: Optional[tuple[str, nn.ModuleList]] = None
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:

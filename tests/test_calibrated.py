@@ -1024,3 +1024,13 @@ def test_window_shapes_outside_linears_and_refused_inputs(tiny_model_dirs, tmp_p
     with pytest.raises(ValueError, match=r"turns 100% of the calibration text into its unknown token '\[UNK\]'"):
         sqlora_hf.compress(AutoModelForCausalLM.from_pretrained(llama), SQLoRAConfig(calibration_seq_len=8), TEXTS,
                            tokenizer=empty)
+
+
+def test_encoder_decoder_models_are_refused_by_name(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(vocab_size=256, d_model=64, d_ff=128, num_layers=2, num_heads=4,
+                                        d_kv=16)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not support encoder-decoder models.*compress it data-free"):
+        T5ForConditionalGeneration.from_pretrained(tmp_path, quantization_config=SQLoRAConfig(
+            calibration=torch.randint(0, 256, (4, 16)), calibration_samples=4, calibration_seq_len=16))
