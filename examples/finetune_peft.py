@@ -2,7 +2,8 @@
 
     python examples/finetune_peft.py [--steps 200] [--out /tmp/smollm2-sqlora-finetuned]
 
-1. compress SmolLM2-135M-Instruct (4-bit, low-rank correction) while loading it (once; cached);
+1. compress SmolLM2-135M-Instruct (default `SQLoRAConfig()`: 4-bit g64, 4.244 bpw; at that budget the
+   automatic rank finds no low-rank correction worth its bytes) while loading it (once; cached);
 2. add a LoRA adapter to every compressed linear layer (`sqlora_hf.lora_config` + PEFT's
    `get_peft_model`), with gradient checkpointing enabled by hand;
 3. train it with `Trainer` on the Python documentation that ships with CPython (first 90 % of the
@@ -51,7 +52,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--eval-windows", type=int, default=16, help="held-out windows of --seq-len tokens")
     parser.add_argument("--from-correction", action="store_true",
-                        help="start the adapter from each layer's low-rank correction instead of zero")
+                        help="start the adapter from each layer's low-rank correction instead of zero (needs a checkpoint "
+                             "compressed with a rank: the default one has none, and a warning says so)")
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/sqlora_hf/smollm2-135m-fp32"),
                         help="where the uncompressed checkpoint is written once")
     parser.add_argument("--compressed", default=os.path.expanduser("~/.cache/sqlora_hf/smollm2-135m-sqlora-default"),

@@ -436,6 +436,7 @@ def _compress_model(model: nn.Module, config: Any, calibration_data: Any, tokeni
     was_training = model.training
     model.eval()
     specs: dict[str, CalibratedSpec] = {}
+    specs_from_budget = False  # an explicit budget plans the blocks' layers only (see _compress_outside_blocks)
     if config.memory_budget is not None:
         from .budget import plan_calibrated_auto, plan_calibrated_budget
         from .compression.planner import parse_budget
@@ -444,6 +445,7 @@ def _compress_model(model: nn.Module, config: Any, calibration_data: Any, tokeni
             specs = plan_calibrated_auto(config, base, per_block)
         else:
             specs = plan_calibrated_budget(model, config, batch.input_ids, base, skip, prefix, blocks, per_block)
+            specs_from_budget = True
 
     def spec_for(full_name: str) -> CalibratedSpec:
         return specs.get(full_name, base)
@@ -486,7 +488,7 @@ def _compress_model(model: nn.Module, config: Any, calibration_data: Any, tokeni
         err.add_note("sqlora: the model was being compressed in place; the layers before the error are already "
                      "changed, so reload it before trying again")
         raise
-    _compress_outside_blocks(model, config, skip, prefix)
+    _compress_outside_blocks(model, config, skip, prefix, budgeted=specs_from_budget)
     compress_output_head(model, config)
     model.train(was_training)
     config.calibration = batch.record  # the texts are not kept, only what identifies them
@@ -494,10 +496,12 @@ def _compress_model(model: nn.Module, config: Any, calibration_data: Any, tokeni
     return model
 
 
-def _compress_outside_blocks(model: nn.Module, config: Any, skip: list[str], prefix: str) -> None:
+def _compress_outside_blocks(model: nn.Module, config: Any, skip: list[str], prefix: str, budgeted: bool) -> None:
     """Linears outside the repeated blocks (BERT's pooler and prediction transform, a classifier; the output
-    head is skipped unless `head_bits`) get no calibration inputs block by block: compressed data-free, as
-    `from_pretrained` without calibration would, rather than left in fp32."""
+    head is skipped unless `head_bits`) get no calibration inputs block by block: compressed data-free at the
+    config's bits and group size, as `from_pretrained` without calibration would, rather than left in fp32.
+    Not under an explicit memory budget: its plan covers the blocks' layers and counts these as fixed bytes,
+    and a layer added at the nominal width afterwards could raise the bits per weight past the budget."""
     from .compression import compress_weight
     from .quantizer import compression_spec
 
@@ -506,6 +510,9 @@ def _compress_outside_blocks(model: nn.Module, config: Any, skip: list[str], pre
     for name, mod in list(model.named_modules()):
         if (not isinstance(mod, (nn.Linear, Conv1D)) or isinstance(mod, SQLoRALinear) or name.startswith(prefix + ".")
                 or not should_convert_module(name, skip)):
+            continue
+        if budgeted:
+            logger.info(f"sqlora: {name} is outside the repeated blocks and the budget's plan: left uncompressed")
             continue
         weight = _dense_weight(mod)
         problem = layout_problem(config.bits, config.group_size, config.sparsity, weight.shape[1])

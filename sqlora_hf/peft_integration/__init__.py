@@ -20,8 +20,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 CORRECTION_INIT = "sqlora_correction"
+logger = hf_logging.get_logger("sqlora_hf")
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft import LoraConfig, PeftModel
@@ -49,11 +51,18 @@ def lora_config(model: Optional[nn.Module] = None, *, init_from_correction: bool
     """
     from peft import LoraConfig
 
+    from ..nn.linear import SQLoRALinear
+
     if init_from_correction:
         if kwargs.get("init_lora_weights", True) not in (True, CORRECTION_INIT):
             raise ValueError("init_from_correction=True conflicts with init_lora_weights="
                              f"{kwargs['init_lora_weights']!r}; pass one of them")
         kwargs["init_lora_weights"] = CORRECTION_INIT
+        if model is not None and not any(getattr(m, "rank", 0) for m in model.modules() if isinstance(m, SQLoRALinear)):
+            logger.warning("sqlora: init_from_correction=True, but no layer of this model has a low-rank correction "
+                           "(rank 0 everywhere, as the default 4.25 bpw compression gives): the adapters start from "
+                           "zero as usual. Compress with a rank (e.g. SQLoRAConfig(rank=16, memory_budget=None)) "
+                           "to start from one")
     target = kwargs.get("target_modules")
     if isinstance(target, str) and target.lower() == "all-linear":
         if model is None:
