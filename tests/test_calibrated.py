@@ -1034,3 +1034,16 @@ def test_encoder_decoder_models_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="does not support encoder-decoder models.*compress it data-free"):
         T5ForConditionalGeneration.from_pretrained(tmp_path, quantization_config=SQLoRAConfig(
             calibration=torch.randint(0, 256, (4, 16)), calibration_samples=4, calibration_seq_len=16))
+
+
+def test_an_explicit_budget_is_kept_with_linears_outside_the_blocks(tiny_model_dirs):
+    """The calibrated budget plans the blocks' layers; BERT's pooler, outside them, stays uncompressed there
+    (compressed at the nominal width afterwards it raised a 3.25 bpw MiniLM to 3.263)."""
+    from torch import nn
+    from transformers import AutoModel
+
+    calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    model = AutoModel.from_pretrained(tiny_model_dirs["bert"][0], quantization_config=SQLoRAConfig(
+        memory_budget="3.25bpw", rank=0, calibration=calib, calibration_samples=4, calibration_seq_len=16))
+    assert type(model.pooler.dense) is nn.Linear
+    assert sqlora_hf.report(model)["bits_per_weight"] <= 3.25
