@@ -64,10 +64,13 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="8 eval windows, 16 calibration samples of 256 tokens, 4.25 bpw rows")
-    p.add_argument("--samples", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--windows", type=int, default=100, help="evaluation windows of 512 tokens (>= 50k tokens at 100)")
+    p.add_argument("--quick", action="store_true",
+                   help="8 eval windows, 16 calibration samples of 256 tokens, 4.25 bpw rows (as defaults: "
+                        "--samples, --seq-len and --windows given as well win)")
+    p.add_argument("--samples", type=int, default=None, help="calibration samples (default 128; 16 with --quick)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sample (default 512; 256 with --quick)")
+    p.add_argument("--windows", type=int, default=None,
+                   help="evaluation windows of 512 tokens (default 100, >= 50k tokens; 8 with --quick)")
     p.add_argument("--rows", default=None, help="comma-separated row numbers to run (default: all)")
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/sqlora_hf/smollm2-135m-fp32"))
     p.add_argument("--scale-search", choices=["auto", "on", "off"], default="auto",
@@ -80,8 +83,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     args.scale_search = {"auto": None, "on": True, "off": False}[args.scale_search]
     args.asymmetric = {"auto": None, "on": True, "off": False}[args.asymmetric]
-    if args.quick:
-        args.samples, args.seq_len, args.windows = 16, 256, 8
+    quick = {"samples": 16, "seq_len": 256, "windows": 8} if args.quick else {"samples": 128, "seq_len": 512, "windows": 100}
+    for name, default in quick.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     rows = ROWS if not args.quick else ROWS[:4]
     if args.rows:
         rows = [ROWS[int(i)] for i in args.rows.split(",")]

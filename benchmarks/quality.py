@@ -135,19 +135,25 @@ def embed(model, tok, texts: list[str]) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--windows", type=int, default=98, help="perplexity windows of 512 tokens (98 = 50k tokens)")
-    parser.add_argument("--quick", action="store_true", help="16 windows, 100 sentences, main rows only")
+    parser.add_argument("--windows", type=int, default=None,
+                        help="perplexity windows of 512 tokens (default 98 = 50k tokens; 16 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="16 windows, 100 sentences, main rows only (--windows / --sentences given as well win)")
     parser.add_argument("--ablations", action="store_true", help="also run the ablation rows")
     parser.add_argument("--self-calibrated", action="store_true",
                         help="also run the rows calibrated on text sampled from the model itself (minutes each)")
-    parser.add_argument("--sentences", type=int, default=300)
+    parser.add_argument("--sentences", type=int, default=None, help="MiniLM sentences (default 300; 100 with --quick)")
     parser.add_argument("--cache", default="/tmp/sqlora_bench", help="where the fp checkpoints are written once")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rows", default=None, help="only rows whose label contains one of these comma-separated words")
+    parser.add_argument("--rows", default=None,
+                        help="only SmolLM2 rows whose label contains one of these comma-separated words (the MiniLM "
+                             "rows always run; a word no label has, e.g. NONE, leaves MiniLM only)")
     args = parser.parse_args()
-    if args.quick:
-        args.windows, args.sentences = 16, 100
+    if args.windows is None:
+        args.windows = 16 if args.quick else 98
+    if args.sentences is None:
+        args.sentences = 100 if args.quick else 300
     torch.set_num_threads(args.threads)
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
