@@ -368,3 +368,28 @@ def test_bad_adapter_configs_are_clear_errors(compressed_dirs):
     with pytest.raises(ValueError, match="use_dora"):
         get_peft_model(_load(compressed_dirs["dense"]), sqlora_hf.lora_config(r=4, use_dora=True,
                                                                                   target_modules=["q_proj"]))
+
+
+def test_merge_keep_restores_the_compressed_rank_and_refuses_rank_0_layers(compressed_dirs, tiny_model_dirs):
+    """"keep" is the rank the layer was compressed with, counting what init_from_correction moved into the
+    adapter (it was 8 - 4 = 4 before, dropping half the correction); on rank-0 layers (the default 4.25 bpw
+    compression) there is no size to keep: refused before any layer is merged."""
+    ids = _ids()
+    model = _load(compressed_dirs["dense"])
+    peft_model = get_peft_model(model, sqlora_hf.lora_config(r=4, target_modules=["q_proj"], init_from_correction=True))
+    _randomise_adapters(peft_model, scale=0.01)
+    adapted = _logits(peft_model, ids)
+    merged = sqlora_hf.merge_and_unload(peft_model, rank="keep")
+    assert all(merged.model.layers[i].self_attn.q_proj.rank == 8 for i in range(2))
+    assert _rel(_logits(merged, ids), adapted) < 5e-3
+
+    plain = auto_class("AutoModelForCausalLM").from_pretrained(tiny_model_dirs["llama"][0],
+                                                               quantization_config=SQLoRAConfig())
+    assert all(m.rank == 0 for m in plain.modules() if isinstance(m, SQLoRALinear))
+    peft_model = get_peft_model(plain, sqlora_hf.lora_config(r=4, target_modules=["q_proj", "v_proj"]))
+    _randomise_adapters(peft_model, scale=0.05)
+    before = _logits(peft_model, ids)
+    with pytest.raises(ValueError, match=r"rank='keep'.*no low-rank correction.*Nothing was merged"):
+        sqlora_hf.merge_and_unload(peft_model, rank="keep")
+    assert not any(getattr(m, "merged", False) for m in peft_model.modules())
+    torch.testing.assert_close(_logits(peft_model, ids), before, rtol=0, atol=0)

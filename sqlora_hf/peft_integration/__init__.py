@@ -112,12 +112,25 @@ def merge_and_unload(peft_model: "PeftModel", rank: Union[None, int, str] = None
     Args:
         rank: None grows each layer's rank by the adapter rank (exact up to float16 rounding of the
             adapter); an int re-truncates every merged layer to that rank by SVD; "keep" to the rank
-            the layer had before the merge. Codes, scales and masks are never touched.
+            the layer was compressed with (counting components `init_from_correction` moved into the
+            adapter); refused, before any merge, where a layer has no correction (rank 0). Codes, scales
+            and masks are never touched.
     """
     from .layer import SQLoRALoraLinear
 
     layers = [m for m in peft_model.modules() if isinstance(m, SQLoRALoraLinear)]
-    if rank is not None and rank != "keep":  # checked for every layer first: a refusal must merge nothing
+    if rank == "keep":  # resolved and checked for every layer first: a refusal must merge nothing
+        kept = {id(m): m.kept_rank() for m in layers}
+        empty = [m for m in layers if kept[id(m)] == 0]
+        if empty:
+            raise ValueError(f"merge_and_unload(rank='keep'): {empty[0]._layer_name()} and {len(empty) - 1} other layer(s) "
+                             "have no low-rank correction (rank 0, as the default 4.25 bpw compression gives), so "
+                             "there is no size to keep; use rank=None (grow by the adapter rank) or an int. "
+                             "Nothing was merged")
+        for module in layers:
+            module.merge_rank = kept[id(module)]
+        return peft_model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
+    if rank is not None:  # checked for every layer first: a refusal must merge nothing
         for module in layers:
             base = module.get_base_layer()
             limit = min(base.in_features, base.out_features)

@@ -113,6 +113,12 @@ class SQLoRALoraLinear(LoraLinear):
             lora_a[:k].copy_(right.to(device=lora_a.device, dtype=torch.float32))
             lora_b[:, :k].copy_(left.to(device=lora_b.device, dtype=torch.float32) / scaling)
 
+    def kept_rank(self) -> int:
+        """What `merge_and_unload(rank="keep")` keeps: the base's rank as compressed, counting the components
+        `init_from_correction` moved into the adapter (they return with the merge)."""
+        taken = self.__dict__.get("_sqlora_taken_correction")
+        return self.get_base_layer().packed().rank + (0 if taken is None else taken[0].shape[1])
+
     # ---- merge -------------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold the adapters into the base's low-rank factors (see `lowrank_merge.fold_delta`)."""

@@ -21,7 +21,7 @@ import torch
 
 from ..formats.layer import META_RANK, PackedLayer
 
-MergeRank = Union[None, int, str]  # None = grow, int = truncate to that rank, "keep" = the layer's current rank
+MergeRank = Union[None, int, str]  # None = grow, int = truncate to that rank, "keep" = the layer's current rank (merge_and_unload resolves it to the compressed rank first)
 
 
 def balanced_factors(left: torch.Tensor, right: torch.Tensor, rank: Optional[int] = None
