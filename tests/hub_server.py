@@ -276,7 +276,9 @@ class _Handler(BaseHTTPRequestHandler):
         repo_type = payload.get("type") or "model"
         prefix = "" if repo_type == "model" else f"{repo_type}s/"
         answer = {"url": f"{self.state.url}/{prefix}{repo_id}", "name": repo_id}
-        if not self.state.create_repo(repo_type, repo_id, bool(payload.get("private"))):
+        # huggingface_hub sends {"private": true} or, in newer versions, {"visibility": "private"}
+        private = bool(payload.get("private")) or payload.get("visibility") == "private"
+        if not self.state.create_repo(repo_type, repo_id, private):
             # The Hub's 409 still carries the url: `create_repo(exist_ok=True)` reads it.
             raise _HubError(409, "You already created this model repo", extra=answer)
         self._json(answer)

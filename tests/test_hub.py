@@ -5,6 +5,7 @@ imported, exactly as a user's fresh Python would, and this test process imported
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from sqlora_hf.hub import (
     NotAnSQLoRACheckpointError,
     build_model_card,
     push_directory,
+    push_to_hub,
 )
 
 from .conftest import auto_class
@@ -257,3 +259,28 @@ def test_missing_matplotlib_is_a_clear_error_before_any_upload(hub_env, compress
     with pytest.raises(ImportError, match="--no-plot"):
         push_directory(directory, "tester/no-mpl")
     assert hub_env.requests == []
+
+
+def test_card_rank_row_follows_the_layers_and_a_peft_model_is_refused(hub_env, compressed):
+    """After a merge the layers hold another rank than the config says: the card shows what they hold. A
+    PeftModel's save_pretrained writes an adapter only, which would be published as an unloadable repo."""
+    from peft import get_peft_model
+
+    model, _, _ = compressed
+    rep = sqlora_hf.report(model)
+    qc = model.config.quantization_config.to_dict()  # rank=4
+    grown = {**rep, "layers": {n: {**e, "rank": 8} for n, e in rep["layers"].items()}}
+    text = str(build_model_card(grown, qc, model.config.to_dict(), CardInfo(repo_id="me/x", plot_file=None), "9.9"))
+    assert "rank 8 (config: rank=4)" in text
+    text = str(build_model_card(rep, qc, model.config.to_dict(), CardInfo(repo_id="me/x", plot_file=None), "9.9"))
+    assert "| rank 4 |" in text
+    peft_model = get_peft_model(copy.deepcopy(model), sqlora_hf.lora_config(r=2, target_modules=["q_proj"]))
+    with pytest.raises(NotAnSQLoRACheckpointError, match="is a PEFT model.*merge_and_unload"):
+        push_to_hub(peft_model, "tester/peft", include_plot=False)
+
+
+def test_private_push_creates_a_private_repo(hub_env, compressed):
+    model, _, _ = compressed
+    push_to_hub(model, "tester/private-model", private=True, include_plot=False)
+    push_to_hub(model, "tester/public-model", include_plot=False)
+    assert hub_env.repo("tester/private-model").private and not hub_env.repo("tester/public-model").private

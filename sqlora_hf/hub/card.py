@@ -93,13 +93,13 @@ def build_model_card(report: Mapping[str, Any], quant_config: Mapping[str, Any],
     has_tier = any(entry.get("tier") is not None for entry in layers.values())
     has_rel_error = any(relative_error(entry) is not None for entry in layers.values())
     ranks = sorted({entry["rank"] for entry in layers.values()})
+    # What the layers hold (a merged adapter or a rank cut changes it), with the config's setting beside it.
     rank = quant_config.get("rank")
-    if rank == "auto":
-        rank_setting = f"rank chosen per layer (\"auto\"): {_span(ranks)}"
-    elif rank in (0, None):
-        rank_setting = "none (rank 0)"
+    setting = "" if rank is None or (len(ranks) == 1 and rank == ranks[0]) else f"config: rank={rank!r}"
+    if ranks in ([], [0]):
+        rank_setting = "none (rank 0" + (f"; {setting})" if setting else ")")
     else:
-        rank_setting = f"rank {rank}" + (f" (per layer: {_span(ranks)})" if len(ranks) > 1 else "")
+        rank_setting = f"rank {_span(ranks)}" + (" per layer" if len(ranks) > 1 else "") + (f" ({setting})" if setting else "")
     compressed_bytes = int(report.get("compressed_bytes", 0))
     weights = int(report.get("compressed_weights", 0))
     kwargs = dict(

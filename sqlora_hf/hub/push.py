@@ -239,6 +239,11 @@ def _card_files(staging: str, include_plot: bool) -> list[tuple[str, str]]:
 
 
 def _quantization_config_dict(model) -> dict[str, Any]:
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        raise NotAnSQLoRACheckpointError(
+            f"{type(model).__name__} is a PEFT model: its save_pretrained writes the adapter only, which cannot be "
+            "loaded as a model. Push sqlora_hf.merge_and_unload(model) for a merged checkpoint, or push the "
+            "adapter with PEFT's own model.push_to_hub")
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
     if qc is None:
         raise NotAnSQLoRACheckpointError(
