@@ -87,12 +87,16 @@ def replace_linears(model: nn.Module, config: SQLoRAConfig, skip: list[str],
     return swapped
 
 
+def _in_features(module: nn.Module) -> int:
+    """A Linear's in_features; GPT-2's Conv1D stores its weight `[in, out]`."""
+    return module.weight.shape[0] if isinstance(module, Conv1D) else module.in_features
+
+
 def check_rank_fits(rank: Any, layers: list[tuple[str, nn.Module]]) -> None:
     """A fixed rank larger than min(out, in) of a layer is refused before minutes of loading or sampling."""
     if not (isinstance(rank, int) and rank > 0):
         return
-    shapes = [(n, *((m.weight.shape[1], m.weight.shape[0]) if isinstance(m, Conv1D) else (m.out_features, m.in_features)))
-              for n, m in layers]
+    shapes = [(n, m.weight.shape[1] if isinstance(m, Conv1D) else m.out_features, _in_features(m)) for n, m in layers]
     too_small = [(n, out_f, in_f) for n, out_f, in_f in shapes if min(out_f, in_f) < rank]
     if too_small:
         n, out_f, in_f = too_small[0]
@@ -120,7 +124,7 @@ def nothing_to_compress(model: nn.Module, config: SQLoRAConfig, skip: list[str])
     if not kept:
         return (f"sqlora found no layer to compress: all {len(linears)} Linear layers are skipped "
                 f"(modules_to_not_convert, the output head and tied weights; first: {linears[0][0]})")
-    in_features = {n: (m.weight.shape[0] if isinstance(m, Conv1D) else m.in_features) for n, m in linears}
+    in_features = {n: _in_features(m) for n, m in linears}
     first = kept[0]
     problem = layout_problem(config.bits, config.group_size, config.sparsity, in_features[first])
     sizes = sorted({in_features[n] for n in kept})
@@ -234,12 +238,12 @@ class SQLoRAHfQuantizer(HfQuantizer):
             # is and compress it block by block once loaded (_process_model_after_weight_loading).
             self.checkpoint_dir = os.path.dirname(checkpoint_files[0]) if checkpoint_files else None
             self.converted = []
-            if self.quantization_config.head_bits is None and not any(
-                    should_convert_module(n, skip) and not layout_problem(
-                        self.quantization_config.bits, self.quantization_config.group_size,
-                        self.quantization_config.sparsity, m.weight.shape[0] if isinstance(m, Conv1D) else m.in_features)
+            config = self.quantization_config
+            if config.head_bits is None and not any(
+                    should_convert_module(n, skip) and not layout_problem(config.bits, config.group_size, config.sparsity,
+                                                                          _in_features(m))
                     for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))):
-                raise ValueError(nothing_to_compress(model, self.quantization_config, skip))
+                raise ValueError(nothing_to_compress(model, config, skip))  # before loading the weights
             return model
         if not self.pre_quantized:
             self.converted = replace_linears(model, self.quantization_config, skip)

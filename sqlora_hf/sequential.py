@@ -519,22 +519,15 @@ def _compress_outside_blocks(model: nn.Module, config: Any, skip: list[str], pre
         if problem:
             logger.warning(f"sqlora: leaving {name} uncompressed: {problem}")
             continue
-        packed = compress_weight(weight.detach().float(), spec, name)
-        new = SQLoRALinear(weight.shape[1], weight.shape[0], bias=mod.bias is not None,
-                           compute_dtype=config.torch_compute_dtype, backend=config.backend,
-                           transposed_source=isinstance(mod, Conv1D))
-        if mod.bias is not None:
-            new.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
-        new.set_packed(packed)
-        new.to(weight.device)
-        model.set_submodule(name, new)
+        model.set_submodule(name, _packed_module(mod, compress_weight(weight.detach().float(), spec, name), config))
         names.append(name)
     if names:
         logger.info(f"sqlora: {len(names)} Linear layer(s) outside the repeated blocks compressed data-free "
                     f"(first: {names[0]})")
 
 
-def _swap_in(block: nn.Module, name: str, mod: nn.Module, packed: PackedLayer, rel: float, config: Any) -> None:
+def _packed_module(mod: nn.Module, packed: PackedLayer, config: Any) -> SQLoRALinear:
+    """The `SQLoRALinear` that replaces the Linear/Conv1D `mod`, holding `packed` and `mod`'s bias."""
     weight = _dense_weight(mod)
     new = SQLoRALinear(weight.shape[1], weight.shape[0], bias=mod.bias is not None,
                        compute_dtype=config.torch_compute_dtype, backend=config.backend,
@@ -542,7 +535,11 @@ def _swap_in(block: nn.Module, name: str, mod: nn.Module, packed: PackedLayer, r
     if mod.bias is not None:
         new.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
     new.set_packed(packed)
-    new.to(weight.device)
+    return new.to(weight.device)
+
+
+def _swap_in(block: nn.Module, name: str, mod: nn.Module, packed: PackedLayer, rel: float, config: Any) -> None:
+    new = _packed_module(mod, packed, config)
     new.compression_info = {"method": config.calibration_method, "rel_output_error": rel,
                             "bits": packed.bits, "group_size": packed.group_size, "rank": packed.rank}
     block.set_submodule(name, new)
