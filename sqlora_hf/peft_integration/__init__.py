@@ -119,27 +119,26 @@ def merge_and_unload(peft_model: "PeftModel", rank: Union[None, int, str] = None
     from .layer import SQLoRALoraLinear
 
     layers = [m for m in peft_model.modules() if isinstance(m, SQLoRALoraLinear)]
-    if rank == "keep":  # resolved and checked for every layer first: a refusal must merge nothing
-        kept = {id(m): m.kept_rank() for m in layers}
-        empty = [m for m in layers if kept[id(m)] == 0]
+    # Resolved and checked for every layer first: a refusal must merge nothing.
+    if rank == "keep":
+        ranks = {id(m): m.kept_rank() for m in layers}
+        empty = [m for m in layers if ranks[id(m)] == 0]
         if empty:
             raise ValueError(f"merge_and_unload(rank='keep'): {empty[0]._layer_name()} and {len(empty) - 1} other layer(s) "
                              "have no low-rank correction (rank 0, as the default 4.25 bpw compression gives), so "
                              "there is no size to keep; use rank=None (grow by the adapter rank) or an int. "
                              "Nothing was merged")
-        for module in layers:
-            module.merge_rank = kept[id(module)]
-        return peft_model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
-    if rank is not None:  # checked for every layer first: a refusal must merge nothing
-        for module in layers:
+    else:
+        for module in layers if rank is not None else []:
             base = module.get_base_layer()
             limit = min(base.in_features, base.out_features)
             if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= limit:
                 raise ValueError(f"merge_and_unload(rank={rank!r}): rank must be None (grow), 'keep' or an int in "
                                  f"[1, {limit}] for {module._layer_name()} ({base.out_features} x {base.in_features}); "
                                  "nothing was merged")
+        ranks = {id(m): rank for m in layers}
     for module in layers:
-        module.merge_rank = rank
+        module.merge_rank = ranks[id(module)]
     return peft_model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
 
 
